@@ -1,0 +1,253 @@
+"""HieraConfig: transformers' field names and defaults, plus 3-D (video) sizes and the official model zoo presets."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+def _tuple(value: Any, name: str, kind: type = int) -> tuple:
+    if isinstance(value, (int, float, bool)) and not isinstance(value, (list, tuple)):
+        raise ValueError(f"HieraConfig.{name} must be a sequence, got {value!r}")
+    try:
+        return tuple(kind(v) for v in value)
+    except TypeError as err:
+        raise ValueError(f"HieraConfig.{name} must be a sequence of {kind.__name__}, got {value!r}") from err
+
+
+@dataclass
+class HieraConfig:
+    """Hyper-parameters of a Hiera model, named as in ``transformers.HieraConfig``.
+
+    Sizes are 2-D ``(H, W)`` for images or 3-D ``(T, H, W)`` for video; every spatial field
+    (``image_size``, ``patch_size``, ``patch_stride``, ``patch_padding``, ``query_stride``,
+    ``masked_unit_size``) must have the same length. ``sep_pos_embed`` selects separate spatial and temporal
+    position embeddings, as the official video models use. An impossible configuration raises ``ValueError``
+    naming the field when it is constructed.
+    """
+
+    embed_dim: int = 96
+    image_size: Sequence[int] = (224, 224)
+    patch_size: Sequence[int] = (7, 7)
+    patch_stride: Sequence[int] = (4, 4)
+    patch_padding: Sequence[int] = (3, 3)
+    mlp_ratio: float = 4.0
+    depths: Sequence[int] = (2, 3, 16, 3)
+    num_heads: Sequence[int] = (1, 2, 4, 8)
+    embed_dim_multiplier: float = 2.0
+    num_query_pool: int = 3
+    query_stride: Sequence[int] = (2, 2)
+    masked_unit_size: Sequence[int] = (8, 8)
+    masked_unit_attention: Sequence[bool] = (True, True, False, False)
+    drop_path_rate: float = 0.0
+    num_channels: int = 3
+    hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+    layer_norm_init: float = 1.0
+    layer_norm_eps: float = 1e-6
+    decoder_hidden_size: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    normalize_pixel_loss: bool = True
+    mask_ratio: float = 0.6
+    out_features: list[str] | None = None
+    out_indices: list[int] | None = None
+    num_labels: int = 1000
+    sep_pos_embed: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "patch_stride", "patch_padding", "query_stride", "masked_unit_size",
+                     "depths", "num_heads"):
+            setattr(self, name, _tuple(getattr(self, name), name))
+        self.masked_unit_attention = _tuple(self.masked_unit_attention, "masked_unit_attention", bool)
+        self._validate()
+        self._set_out_features()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        dims = len(self.image_size)
+        if dims not in (2, 3):
+            raise ValueError(f"HieraConfig.image_size must be 2-D (H, W) or 3-D (T, H, W), got {self.image_size}")
+        for name in ("patch_size", "patch_stride", "patch_padding", "query_stride", "masked_unit_size"):
+            if len(getattr(self, name)) != dims:
+                raise ValueError(f"HieraConfig.{name} must have {dims} entries like image_size, got {getattr(self, name)}")
+        num_stages = len(self.depths)
+        if num_stages < 1 or any(d < 1 for d in self.depths):
+            raise ValueError(f"HieraConfig.depths must be positive stage depths, got {self.depths}")
+        for name in ("num_heads", "masked_unit_attention"):
+            if len(getattr(self, name)) != num_stages:
+                raise ValueError(f"HieraConfig.{name} needs one entry per stage ({num_stages}), got {getattr(self, name)}")
+        if not 0 <= self.num_query_pool < num_stages:
+            raise ValueError(f"HieraConfig.num_query_pool must be in [0, {num_stages - 1}], got {self.num_query_pool}")
+        if self.embed_dim < 1 or self.num_channels < 1:
+            raise ValueError("HieraConfig.embed_dim and num_channels must be positive")
+        for i, (size, stride) in enumerate(zip(self.image_size, self.patch_stride)):
+            if stride < 1 or size % stride:
+                raise ValueError(f"HieraConfig.image_size[{i}]={size} is not divisible by patch_stride[{i}]={stride}")
+        tokens = self.tokens_spatial_shape
+        unrolls = num_stages - 1
+        for i, (t, mu, q) in enumerate(zip(tokens, self.masked_unit_size, self.query_stride)):
+            if q < 1 or mu < 1:
+                raise ValueError(f"HieraConfig.query_stride[{i}] and masked_unit_size[{i}] must be >= 1")
+            if t % mu:
+                raise ValueError(f"HieraConfig.masked_unit_size[{i}]={mu} must divide the token grid "
+                                 f"(image_size // patch_stride = {t})")
+            if mu % q**unrolls:
+                raise ValueError(f"HieraConfig.masked_unit_size[{i}]={mu} must be divisible by query_stride[{i}]={q} "
+                                 f"to the power of the number of stages - 1 ({unrolls})")
+        for s, heads in enumerate(self.num_heads):
+            dim = self.stage_dims[s]
+            if heads < 1 or dim % heads:
+                raise ValueError(f"HieraConfig.num_heads[{s}]={heads} must divide stage {s + 1}'s dim {dim}")
+        if self.num_query_pool > 0 and math.prod(self.query_stride) > 1:
+            for s in range(1, self.num_query_pool + 1):
+                if self.stage_dims[s] == self.stage_dims[s - 1]:
+                    raise ValueError("HieraConfig.embed_dim_multiplier must change the dim at every pooling stage "
+                                     "(the pooled residual goes through a projection)")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"HieraConfig.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.sep_pos_embed and dims != 3:
+            raise ValueError("HieraConfig.sep_pos_embed needs 3-D (video) sizes")
+        if self.decoder_hidden_size is not None:
+            if not (self.decoder_depth and self.decoder_num_heads):
+                raise ValueError("HieraConfig.decoder_depth and decoder_num_heads are needed with decoder_hidden_size")
+            if self.decoder_hidden_size % self.decoder_num_heads:
+                raise ValueError(f"HieraConfig.decoder_num_heads={self.decoder_num_heads} must divide "
+                                 f"decoder_hidden_size={self.decoder_hidden_size}")
+
+    def _set_out_features(self) -> None:
+        names = self.stage_names
+        if self.out_features is None and self.out_indices is None:
+            self.out_features, self.out_indices = [names[-1]], [len(names) - 1]
+        elif self.out_features is None:
+            self.out_indices = [int(i) % len(names) for i in self.out_indices]
+            self.out_features = [names[i] for i in self.out_indices]
+        else:
+            bad = [f for f in self.out_features if f not in names]
+            if bad:
+                raise ValueError(f"HieraConfig.out_features has unknown stages {bad}; choose from {names}")
+            indices = [names.index(f) for f in self.out_features]
+            if self.out_indices is not None and [int(i) % len(names) for i in self.out_indices] != indices:
+                raise ValueError("HieraConfig.out_features and out_indices disagree")
+            self.out_features, self.out_indices = list(self.out_features), indices
+
+    # ------------------------------------------------------------------ derived geometry
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.image_size)
+
+    @property
+    def tokens_spatial_shape(self) -> tuple[int, ...]:
+        return tuple(i // s for i, s in zip(self.image_size, self.patch_stride))
+
+    @property
+    def stage_dims(self) -> list[int]:
+        return [int(self.embed_dim * self.embed_dim_multiplier**i) for i in range(len(self.depths))]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.stage_dims[-1]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+
+    @property
+    def flat_query_stride(self) -> int:
+        return math.prod(self.query_stride)
+
+    @property
+    def flat_mask_unit_size(self) -> int:
+        return math.prod(self.masked_unit_size)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        """A transformers-compatible ``config.json`` dict (``model_type="hiera"``)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        if not self.sep_pos_embed:
+            out.pop("sep_pos_embed")  # transformers' image config has no such field
+        extra = dict(self.extra)
+        if "id2label" in extra and len(extra["id2label"]) != self.num_labels:
+            extra.pop("id2label")
+            extra.pop("label2id", None)
+        out.update(extra)
+        out["model_type"] = "hiera"
+        out["hidden_size"] = self.hidden_size
+        out["stage_names"] = self.stage_names
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HieraConfig":
+        """Build from a transformers ``config.json`` dict; keys this class does not model are kept in ``extra``."""
+        data = dict(data)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        if "num_labels" not in data and "id2label" in data:
+            data["num_labels"] = len(data["id2label"])
+        for key in ("_out_features", "_out_indices"):
+            if key in data:
+                data.setdefault(key[1:], data.pop(key))
+        kwargs = {k: v for k, v in data.items() if k in known}
+        derived = {"model_type", "hidden_size", "stage_names"}
+        extra = {k: v for k, v in data.items() if k not in known and k not in derived}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "HieraConfig":
+        """Read a transformers ``config.json`` (a file, or a directory holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path!r}")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "HieraConfig":
+        """A model of the official zoo, e.g. ``hiera_base_224``, ``hiera_large_16x224``, ``mae_hiera_tiny_224``."""
+        key = name.removeprefix("facebook/").replace("-", "_")
+        if key not in PRESETS:
+            raise ValueError(f"unknown Hiera preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def replace(self, **overrides: Any) -> "HieraConfig":
+        data = {**asdict(self), **overrides}
+        return HieraConfig(**data)
+
+
+_SIZES = {  # name: (embed_dim, heads of stage 1, depths)
+    "tiny": (96, 1, (1, 2, 7, 2)),
+    "small": (96, 1, (1, 2, 11, 2)),
+    "base": (96, 1, (2, 3, 16, 3)),
+    "base_plus": (112, 2, (2, 3, 16, 3)),
+    "large": (144, 2, (2, 6, 36, 4)),
+    "huge": (256, 4, (2, 6, 36, 4)),
+}
+_VIDEO = dict(image_size=(16, 224, 224), patch_size=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3),
+              query_stride=(1, 2, 2), masked_unit_size=(1, 8, 8), sep_pos_embed=True, num_labels=400)
+_MAE = dict(num_query_pool=2, decoder_hidden_size=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def _presets() -> dict[str, dict]:
+    presets = {}
+    for size, (dim, heads, depths) in _SIZES.items():
+        base = dict(embed_dim=dim, depths=depths, num_heads=tuple(heads * 2**i for i in range(4)))
+        presets[f"hiera_{size}_224"] = base
+        presets[f"mae_hiera_{size}_224"] = {**base, **_MAE}
+        if size not in ("tiny", "small"):
+            presets[f"hiera_{size}_16x224"] = {**base, **_VIDEO}
+            presets[f"mae_hiera_{size}_16x224"] = {**base, **_VIDEO, **_MAE}
+    return presets
+
+
+PRESETS: dict[str, dict] = _presets()

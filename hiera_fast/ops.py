@@ -1,0 +1,261 @@
+"""The public ops: mask-unit attention with query pooling, and the unrolled max-pool.
+
+Each op takes ``fused=``. ``fused=False`` runs the eager PyTorch reference (:mod:`hiera_fast.reference`);
+``fused=True`` runs a ``torch.library`` custom op (so ``torch.compile`` sees one opaque node with a fake
+implementation and a registered autograd formula) whose body picks a backend from the tensor's device:
+
+- CUDA tensor → the Triton kernels;
+- CPU tensor with ``TRITON_INTERPRET=1`` set before Triton kernels were defined → the same kernels under
+  Triton's interpreter (slow; this is how the kernels are tested without a GPU);
+- anything else → the eager reference, with one warning saying why.
+
+:func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op, so
+tests can prove that the Triton path ran. The backward runs the Triton backward kernels where they exist, and
+otherwise recomputes the eager reference under autograd (stated per op below).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+__all__ = ["mask_unit_attention", "unrolled_max_pool", "fused_backend", "kernel_launches", "check_qkv"]
+
+kernel_launches: collections.Counter = collections.Counter()
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set[str] = set()
+
+
+# ---------------------------------------------------------------------------------------------- backend choice
+@functools.lru_cache(maxsize=None)
+def _kernel_module(name: str):
+    """Import ``hiera_fast.kernels.<name>``; None if Triton or that module is not available."""
+    try:
+        return importlib.import_module(f"hiera_fast.kernels.{name}")
+    except ImportError:
+        return None
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_backend(device: torch.device | str) -> tuple[str, str]:
+    """``(backend, reason)`` that ``fused=True`` uses for tensors on ``device``: "triton", "triton-interpreter" or
+    "eager"."""
+    device = torch.device(device)
+    if _kernel_module("attention_fwd") is None:
+        return "eager", "Triton (or the hiera_fast.kernels modules) could not be imported"
+    if device.type == "cuda":
+        if _interpreter_on():
+            return "eager", "TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA in this process"
+        return "triton", f"CUDA device {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        if _interpreter_on():
+            return "triton-interpreter", "CPU tensor and TRITON_INTERPRET=1: Triton's interpreter runs the kernels"
+        return "eager", "CPU tensor without TRITON_INTERPRET=1: the Triton kernels need CUDA (or the interpreter)"
+    return "eager", f"no Triton kernels for device type {device.type!r}"
+
+
+def _use_triton(device: torch.device, op: str) -> bool:
+    backend, reason = fused_backend(device)
+    if backend == "eager" and op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}", RuntimeWarning, stacklevel=3)
+    return backend != "eager"
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def check_qkv(qkv: torch.Tensor, num_heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """Validate the attention op's arguments; returns the number of windows. Raises TypeError/ValueError."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [B, N, 3 * dim] (rank 3), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
+    for name, value in (("num_heads", num_heads), ("q_stride", q_stride)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    B, N, three_c = qkv.shape
+    if three_c % 3 or (three_c // 3) % num_heads:
+        raise ValueError(f"qkv's last dim ({three_c}) must be 3 * dim with dim divisible by num_heads ({num_heads})")
+    if use_mask_unit_attn:
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be a positive int for mask-unit attention, got {window_size!r}")
+        if N % (q_stride * window_size):
+            raise ValueError(f"qkv's token count N={N} must be divisible by q_stride * window_size = "
+                             f"{q_stride} * {window_size}")
+        return N // (q_stride * window_size)
+    if N % q_stride:
+        raise ValueError(f"qkv's token count N={N} must be divisible by q_stride={q_stride}")
+    return 1
+
+
+def _check_pool(x: torch.Tensor, stride: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, C] (rank 3), got shape {tuple(x.shape)}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    if x.shape[1] % stride:
+        raise ValueError(f"x's token count N={x.shape[1]} must be divisible by stride={stride}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """Kernels read any batch/row strides but need a unit stride on the channel dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- attention op
+@torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())
+def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, N // q_stride, C], lse)``; ``lse`` is ``[B, heads, N // q_stride]`` float32 on the Triton
+    backends and an empty tensor on the eager one (whose backward recomputes instead)."""
+    if _use_triton(qkv.device, "mask_unit_attention"):
+        kernel_launches["mask_unit_attention_fwd"] += 1
+        out, lse = _kernel_module("attention_fwd").mask_unit_attention_forward(
+            _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=True)
+        return out, lse
+    out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
+    return out, qkv.new_empty(0, dtype=torch.float32)
+
+
+@_attention_fwd.register_fake
+def _(qkv, num_heads, q_stride, num_windows):
+    B, N, three_c = qkv.shape
+    out = qkv.new_empty(B, N // q_stride, three_c // 3)
+    if fused_backend(qkv.device)[0] == "eager":
+        return out, qkv.new_empty(0, dtype=torch.float32)
+    return out, qkv.new_empty(B, num_heads, N // q_stride, dtype=torch.float32)
+
+
+@torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
+    """``d_qkv [B, N, 3C]`` in qkv's unrolled layout. Triton backward kernel where available, else eager recompute."""
+    bwd = _kernel_module("attention_bwd")
+    if bwd is not None and lse.numel() > 0 and _use_triton(qkv.device, "mask_unit_attention backward"):
+        kernel_launches["mask_unit_attention_bwd"] += 1
+        return bwd.mask_unit_attention_backward(
+            grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
+    with torch.enable_grad():
+        leaf = qkv.detach().requires_grad_(True)
+        ref = reference.mask_unit_attention_eager(leaf, num_heads, q_stride, num_windows)
+        (d_qkv,) = torch.autograd.grad(ref, leaf, grad_out)
+    return d_qkv
+
+
+@_attention_bwd.register_fake
+def _(grad_out, qkv, out, lse, num_heads, q_stride, num_windows):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    qkv, num_heads, q_stride, num_windows = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (num_heads, q_stride, num_windows)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_bwd(grad_out, qkv, out, lse, *ctx.args), None, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def mask_unit_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    q_stride: int,
+    window_size: int,
+    use_mask_unit_attn: bool,
+    fused: bool = False,
+) -> torch.Tensor:
+    """Mask-unit (or global) attention with query max-pooling, on the qkv Linear's output.
+
+    Args:
+        qkv: ``[B, N, 3 * dim]``, channels ``(3, heads, head_dim)``, tokens in Hiera's unrolled order.
+        num_heads: attention heads.
+        q_stride: flattened query pooling stride (1 = no pooling).
+        window_size: flattened mask-unit size *after* pooling (as the official ``MaskUnitAttention``).
+        use_mask_unit_attn: windowed attention over ``N // (q_stride * window_size)`` windows, else global.
+        fused: run the Triton kernels (see the module docstring for the backend choice).
+
+    Returns:
+        ``[B, N // q_stride, dim]`` in unrolled order (row ``r * num_windows + w``), before the output projection.
+    """
+    num_windows = check_qkv(qkv, num_heads, q_stride, window_size, use_mask_unit_attn)
+    if not fused:
+        return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
+    return _attention_fwd(qkv, num_heads, q_stride, num_windows)[0]
+
+
+# ---------------------------------------------------------------------------------------------- max-pool op
+@torch.library.custom_op("hiera_fast::unrolled_max_pool_fwd", mutates_args=())
+def _pool_fwd(x: torch.Tensor, stride: int) -> torch.Tensor:
+    if _use_triton(x.device, "unrolled_max_pool"):
+        kernel_launches["unrolled_max_pool_fwd"] += 1
+        return _kernel_module("max_pool").unrolled_max_pool_forward(_unit_last_stride(x), stride)
+    return reference.unrolled_max_pool_eager(x, stride)
+
+
+@_pool_fwd.register_fake
+def _(x, stride):
+    return x.new_empty(x.shape[0], x.shape[1] // stride, x.shape[2])
+
+
+@torch.library.custom_op("hiera_fast::unrolled_max_pool_bwd", mutates_args=())
+def _pool_bwd(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Gradient routed to the winning candidate (lowest index among ties)."""
+    if _use_triton(x.device, "unrolled_max_pool backward"):
+        kernel_launches["unrolled_max_pool_bwd"] += 1
+        return _kernel_module("max_pool").unrolled_max_pool_backward(grad_out, _unit_last_stride(x), stride)
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(reference.unrolled_max_pool_eager(leaf, stride), leaf, grad_out)
+    return grad_x
+
+
+@_pool_bwd.register_fake
+def _(grad_out, x, stride):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, stride = inputs
+    ctx.save_for_backward(x)
+    ctx.stride = stride
+
+
+def _pool_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return _pool_bwd(grad_out, x, ctx.stride), None
+
+
+_pool_fwd.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+def unrolled_max_pool(x: torch.Tensor, stride: int, fused: bool = False) -> torch.Tensor:
+    """Max-pool over the leading unroll level: ``[B, N, C]`` → ``[B, N // stride, C]`` (the pooled residual).
+
+    Equal to ``x.view(B, stride, N // stride, C).max(1).values``; the gradient goes to the winning element.
+    """
+    _check_pool(x, stride)
+    if stride == 1:
+        return x
+    if not fused:
+        return reference.unrolled_max_pool_eager(x, stride)
+    return _pool_fwd(x, stride)

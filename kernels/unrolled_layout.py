@@ -1,0 +1,41 @@
+"""Index math of Hiera's unrolled token layout, written once for every kernel (DESIGN.md §1).
+
+Tokens are stored as ``n = t * num_windows + w``: ``w`` is the window (mask unit), ``t`` the token inside it.
+With ``T`` tokens per window and query stride ``s`` (``T_out = T // s`` pooled queries per window):
+
+- key/value token ``t`` of window ``w``          → row ``t * num_windows + w``           (``token_row``)
+- candidate ``j < s`` of pooled query ``r``        → row ``(j * T_out + r) * num_windows + w`` (``pooled_query_row``)
+- output / pooled row ``r`` of window ``w``        → row ``r * num_windows + w``           (``token_row`` again)
+
+The same holds for the pooled residual ``x.view(B, s, N // s, C).max(1)``: candidate ``j`` of row ``m`` is row
+``j * (N // s) + m``, which is ``pooled_query_row`` with one window of ``N // s`` tokens.
+"""
+
+import triton
+import triton.language as tl  # noqa: F401  (used inside the jitted helpers)
+
+
+@triton.jit
+def token_row(t, w, num_windows):
+    """Row of token ``t`` of window ``w`` (works for kv rows and for output rows)."""
+    return t * num_windows + w
+
+
+@triton.jit
+def pooled_query_row(r, j, w, tokens_out_per_window, num_windows):
+    """Row of the ``j``-th max-pool candidate of pooled query ``r`` of window ``w``."""
+    return (j * tokens_out_per_window + r) * num_windows + w
+
+
+@triton.jit
+def packed_window_token(i, tokens_per_window):
+    """Split a packed index ``i`` over several windows into (window offset in the pack, token in the window)."""
+    return i // tokens_per_window, i % tokens_per_window
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n`` (tile sizes and padded head dims)."""
+    return triton.next_power_of_2(n)
+
+
+__all__ = ["token_row", "pooled_query_row", "packed_window_token", "next_power_of_2"]

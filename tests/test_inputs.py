@@ -1,0 +1,79 @@
+"""Bad inputs get a clear ValueError/TypeError naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hiera_fast as H
+from hiera_fast import ops
+from helpers import tiny_image_config, tiny_mae_config, tiny_video_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return H.HieraForImageClassification(tiny_image_config()).eval()
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2, 4, 64, 64), "channels"),
+    ((2, 3, 64, 32), "interpolate_pos_encoding"),
+    ((3, 64, 64), "rank 4"),
+    ((2, 3, 4, 64, 64), "rank 4"),
+])
+def test_bad_pixel_values(model, shape, match):
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(shape))
+
+
+def test_interpolated_size_must_fit_mask_units(model):
+    with pytest.raises(ValueError, match="multiple of patch_stride"):
+        model(torch.randn(1, 3, 72, 72), interpolate_pos_encoding=True)
+
+
+def test_pixel_values_type(model):
+    with pytest.raises(TypeError, match="pixel_values"):
+        model([[1.0]])
+
+
+def test_video_model_wants_rank_5():
+    with pytest.raises(ValueError, match=r"\[B, C, T, H, W\]"):
+        H.HieraModel(tiny_video_config())(torch.randn(1, 3, 32, 32))
+
+
+def test_bad_masks_and_noise():
+    model = H.HieraModel(tiny_image_config())
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="bool_masked_pos"):
+        model(x, bool_masked_pos=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        model(x, bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="noise"):
+        H.HieraForPreTraining(tiny_mae_config())(x, noise=torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.randn(2, 64, 48), 5, 1, 16, True), ValueError, "num_heads"),
+    ((torch.randn(2, 60, 48), 1, 4, 16, True), ValueError, "q_stride \\* window_size"),
+    ((torch.randn(2, 63, 48), 1, 2, 0, False), ValueError, "q_stride=2"),
+    ((torch.randn(64, 48), 1, 1, 16, True), ValueError, "rank 3"),
+    ((torch.randn(2, 64, 47), 1, 1, 16, True), ValueError, "3 \\* dim"),
+    ((torch.randint(0, 9, (2, 64, 48)), 1, 1, 16, True), TypeError, "float16"),
+    ((torch.randn(2, 64, 48), 0, 1, 16, True), ValueError, "num_heads"),
+    ((torch.randn(2, 64, 48), 1, 1, 0, True), ValueError, "window_size"),
+    (("qkv", 1, 1, 16, True), TypeError, "qkv"),
+])
+def test_attention_op_checks(fused, args, error, match):
+    with pytest.raises(error, match=match):
+        ops.mask_unit_attention(*args, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_max_pool_op_checks(fused):
+    with pytest.raises(ValueError, match="stride=3"):
+        ops.unrolled_max_pool(torch.randn(1, 8, 4), 3, fused=fused)
+    with pytest.raises(ValueError, match="rank 3"):
+        ops.unrolled_max_pool(torch.randn(8, 4), 2, fused=fused)
+    with pytest.raises(ValueError, match="stride"):
+        ops.unrolled_max_pool(torch.randn(1, 8, 4), 0, fused=fused)

@@ -1,0 +1,88 @@
+"""Our reference model against transformers' Hiera classes, loaded from a directory transformers saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hiera_fast as H
+from helpers import max_abs, randomize_
+
+transformers = pytest.importorskip("transformers")
+
+KW = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], image_size=[64, 64], decoder_hidden_size=16,
+          decoder_depth=2, decoder_num_heads=2, num_labels=5)
+
+
+def _pair(tcls, hcls, tmp_path, **overrides):
+    theirs = randomize_(tcls(transformers.HieraConfig(**{**KW, **overrides})), std=0.1).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = hcls.from_pretrained(tmp_path).eval()
+    return theirs, ours
+
+
+def test_model_matches_transformers(tmp_path):
+    theirs, ours = _pair(transformers.HieraModel, H.HieraModel, tmp_path)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = theirs(x, output_hidden_states=True), ours(x, output_hidden_states=True)
+    assert max_abs(a.last_hidden_state, b.last_hidden_state) <= 1e-4
+    assert max_abs(a.pooler_output, b.pooler_output) <= 1e-4
+    assert len(a.hidden_states) == len(b.hidden_states)
+    for p, q in zip(a.reshaped_hidden_states, b.reshaped_hidden_states):
+        assert p.shape == q.shape and max_abs(p, q) <= 1e-4
+
+
+def test_classifier_matches_transformers(tmp_path):
+    theirs, ours = _pair(transformers.HieraForImageClassification, H.HieraForImageClassification, tmp_path)
+    x, labels = torch.randn(3, 3, 64, 64), torch.randint(0, 5, (3,))
+    with torch.no_grad():
+        a, b = theirs(x, labels=labels), ours(x, labels=labels)
+    assert max_abs(a.logits, b.logits) <= 1e-4
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-4
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_pretraining_matches_transformers(tmp_path, normalize):
+    theirs, ours = _pair(transformers.HieraForPreTraining, H.HieraForPreTraining, tmp_path,
+                         normalize_pixel_loss=normalize)
+    x = torch.randn(2, 3, 64, 64)
+    noise = torch.rand(2, 4)
+    with torch.no_grad():
+        a, b = theirs(x, noise=noise), ours(x, noise=noise)
+    assert torch.equal(a.bool_masked_pos, b.bool_masked_pos)
+    assert torch.equal(a.ids_restore, b.ids_restore)
+    assert max_abs(a.logits, b.logits) <= 1e-4
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-4
+
+
+def test_transformers_reads_our_save(tmp_path):
+    ours = randomize_(H.HieraForImageClassification(H.HieraConfig(**KW)), std=0.1).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs(theirs(x).logits, ours(x).logits) <= 1e-4
+    again = H.HieraForImageClassification.from_pretrained(tmp_path)
+    for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_transformers_backbone_skips_unroll_ours_does_not(tmp_path):
+    """DESIGN.md §2: transformers' backbone feeds raster-order tokens to the encoder; ours unrolls first."""
+    theirs, ours = _pair(transformers.HieraBackbone, H.HieraBackbone, tmp_path, out_features=["stage1"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = theirs(x).feature_maps[0], ours(x).feature_maps[0]
+    assert a.shape == b.shape
+    assert max_abs(a, b) > 1e-2  # theirs is spatially scrambled; test_vs_official proves ours right
+
+
+def test_interpolate_pos_encoding_matches_transformers(tmp_path):
+    theirs, ours = _pair(transformers.HieraModel, H.HieraModel, tmp_path)
+    x = torch.randn(2, 3, 96, 96)  # 24x24 tokens instead of 16x16
+    with torch.no_grad():
+        a = theirs(x, interpolate_pos_encoding=True)
+        b = ours(x, interpolate_pos_encoding=True)
+    assert a.last_hidden_state.shape == b.last_hidden_state.shape
+    assert max_abs(a.last_hidden_state, b.last_hidden_state) <= 1e-4
