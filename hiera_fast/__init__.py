@@ -7,11 +7,30 @@ Public API (listed here and nowhere else)::
                                     the models; constructor (config, fused=False); .from_pretrained / .save_pretrained
     ops.mask_unit_attention, ops.unrolled_max_pool
                                     the fused ops (eager with fused=False)
+    patch, unpatch, patched, is_patched
+                                    put the kernels into transformers' / timm's / the official Hiera models
+    patch_transformers, patch_timm, patch_official (+ unpatch_*)
+                                    the same at class level, before models are built
+
+``hiera_fast.patch`` is the function; the per-library modules stay importable with
+``from hiera_fast.patch.transformers import ...``.
 """
 
 from . import ops
 from .config import PRESETS, HieraConfig
 from .model import HieraBackbone, HieraForImageClassification, HieraForPreTraining, HieraModel
+from .patch import (
+    is_patched,
+    patch,
+    patch_official,
+    patch_timm,
+    patch_transformers,
+    patched,
+    unpatch,
+    unpatch_official,
+    unpatch_timm,
+    unpatch_transformers,
+)
 
 __version__ = "0.1.0"
 
@@ -23,5 +42,15 @@ __all__ = [
     "HieraForPreTraining",
     "HieraBackbone",
     "ops",
+    "patch",
+    "unpatch",
+    "patched",
+    "is_patched",
+    "patch_transformers",
+    "unpatch_transformers",
+    "patch_timm",
+    "unpatch_timm",
+    "patch_official",
+    "unpatch_official",
     "__version__",
 ]

@@ -74,13 +74,15 @@ class HieraConfig:
             raise ValueError(f"HieraConfig.image_size must be 2-D (H, W) or 3-D (T, H, W), got {self.image_size}")
         for name in ("patch_size", "patch_stride", "patch_padding", "query_stride", "masked_unit_size"):
             if len(getattr(self, name)) != dims:
-                raise ValueError(f"HieraConfig.{name} must have {dims} entries like image_size, got {getattr(self, name)}")
+                raise ValueError(f"HieraConfig.{name} must have {dims} entries like image_size, "
+                                 f"got {getattr(self, name)}")
         num_stages = len(self.depths)
         if num_stages < 1 or any(d < 1 for d in self.depths):
             raise ValueError(f"HieraConfig.depths must be positive stage depths, got {self.depths}")
         for name in ("num_heads", "masked_unit_attention"):
             if len(getattr(self, name)) != num_stages:
-                raise ValueError(f"HieraConfig.{name} needs one entry per stage ({num_stages}), got {getattr(self, name)}")
+                raise ValueError(f"HieraConfig.{name} needs one entry per stage ({num_stages}), "
+                                 f"got {getattr(self, name)}")
         if not 0 <= self.num_query_pool < num_stages:
             raise ValueError(f"HieraConfig.num_query_pool must be in [0, {num_stages - 1}], got {self.num_query_pool}")
         if self.embed_dim < 1 or self.num_channels < 1:

@@ -496,7 +496,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
                 return_dict: bool = True):
         config = self.config
         _check_pixels(config, pixel_values, False)
-        num_windows = math.prod(t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size))
+        num_windows = math.prod([t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size)])
         ids_restore = None
         if bool_masked_pos is None:
             bool_masked_pos, ids_restore, keep_ids = self.hiera.random_masking(
@@ -558,7 +558,8 @@ class HieraBackbone(HieraPreTrainedModel):
         channels = [config.embed_dim] + config.stage_dims
         self.channels = [channels[i] for i in config.out_indices]
         # nn.LayerNorm's default eps (1e-5), as transformers' backbone
-        self.hidden_states_norms = nn.ModuleDict({f: nn.LayerNorm(c) for f, c in zip(config.out_features, self.channels)})
+        norms = {name: nn.LayerNorm(c) for name, c in zip(config.out_features, self.channels)}
+        self.hidden_states_norms = nn.ModuleDict(norms)
         self._init_weights()
         self.fused = fused
 

@@ -11,7 +11,7 @@ implementation and a registered autograd formula) whose body picks a backend fro
 
 :func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op, so
 tests can prove that the Triton path ran. The backward runs the Triton backward kernels where they exist, and
-otherwise recomputes the eager reference under autograd (stated per op below).
+otherwise the analytic eager backward of :mod:`hiera_fast.reference` (stated per op below).
 """
 
 from __future__ import annotations
@@ -119,23 +119,25 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- attention op
 @torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())
-def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, N // q_stride, C], lse)``; ``lse`` is ``[B, heads, N // q_stride]`` float32 on the Triton
-    backends and an empty tensor on the eager one (whose backward recomputes instead)."""
+def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int,
+                   with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, N // q_stride, C], lse)``; ``lse`` is ``[B, heads, N // q_stride]`` float32 when the
+    Triton backends run with ``with_lse`` (training), else an empty tensor (inference; the eager backward
+    recomputes instead)."""
     if _use_triton(qkv.device, "mask_unit_attention"):
         kernel_launches["mask_unit_attention_fwd"] += 1
-        out, lse = _kernel_module("attention_fwd").mask_unit_attention_forward(
-            _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=True)
-        return out, lse
+        result = _kernel_module("attention_fwd").mask_unit_attention_forward(
+            _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
+        return result if with_lse else (result, qkv.new_empty(0, dtype=torch.float32))
     out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     return out, qkv.new_empty(0, dtype=torch.float32)
 
 
 @_attention_fwd.register_fake
-def _(qkv, num_heads, q_stride, num_windows):
+def _(qkv, num_heads, q_stride, num_windows, with_lse=True):
     B, N, three_c = qkv.shape
     out = qkv.new_empty(B, N // q_stride, three_c // 3)
-    if fused_backend(qkv.device)[0] == "eager":
+    if not with_lse or fused_backend(qkv.device)[0] == "eager":
         return out, qkv.new_empty(0, dtype=torch.float32)
     return out, qkv.new_empty(B, num_heads, N // q_stride, dtype=torch.float32)
 
@@ -143,17 +145,14 @@ def _(qkv, num_heads, q_stride, num_windows):
 @torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
-    """``d_qkv [B, N, 3C]`` in qkv's unrolled layout. Triton backward kernel where available, else eager recompute."""
+    """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
+    eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
     bwd = _kernel_module("attention_bwd")
     if bwd is not None and lse.numel() > 0 and _use_triton(qkv.device, "mask_unit_attention backward"):
         kernel_launches["mask_unit_attention_bwd"] += 1
         return bwd.mask_unit_attention_backward(
             grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
-    with torch.enable_grad():
-        leaf = qkv.detach().requires_grad_(True)
-        ref = reference.mask_unit_attention_eager(leaf, num_heads, q_stride, num_windows)
-        (d_qkv,) = torch.autograd.grad(ref, leaf, grad_out)
-    return d_qkv
+    return reference.mask_unit_attention_backward_eager(grad_out, qkv, num_heads, q_stride, num_windows)
 
 
 @_attention_bwd.register_fake
@@ -162,7 +161,7 @@ def _(grad_out, qkv, out, lse, num_heads, q_stride, num_windows):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    qkv, num_heads, q_stride, num_windows = inputs
+    qkv, num_heads, q_stride, num_windows, _ = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
     ctx.args = (num_heads, q_stride, num_windows)
@@ -170,7 +169,7 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    return _attention_bwd(grad_out, qkv, out, lse, *ctx.args), None, None, None
+    return _attention_bwd(grad_out, qkv, out, lse, *ctx.args), None, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -200,7 +199,8 @@ def mask_unit_attention(
     num_windows = check_qkv(qkv, num_heads, q_stride, window_size, use_mask_unit_attn)
     if not fused:
         return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
-    return _attention_fwd(qkv, num_heads, q_stride, num_windows)[0]
+    with_lse = torch.is_grad_enabled() and qkv.requires_grad  # the backward kernel needs it; inference does not
+    return _attention_fwd(qkv, num_heads, q_stride, num_windows, with_lse)[0]
 
 
 # ---------------------------------------------------------------------------------------------- max-pool op
@@ -223,10 +223,7 @@ def _pool_bwd(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Ten
     if _use_triton(x.device, "unrolled_max_pool backward"):
         kernel_launches["unrolled_max_pool_bwd"] += 1
         return _kernel_module("max_pool").unrolled_max_pool_backward(grad_out, _unit_last_stride(x), stride)
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (grad_x,) = torch.autograd.grad(reference.unrolled_max_pool_eager(leaf, stride), leaf, grad_out)
-    return grad_x
+    return reference.unrolled_max_pool_backward_eager(grad_out, x, stride)
 
 
 @_pool_bwd.register_fake

@@ -37,7 +37,7 @@ def _block_key(rest: str) -> str:
 def official_to_transformers_keys(state: dict[str, torch.Tensor], config: HieraConfig,
                                   timm: bool = False) -> dict[str, torch.Tensor]:
     """Rename official (``hiera`` package) or timm keys to our/transformers' names (without the ``hiera.`` prefix)."""
-    where = [(s, l) for s, depth in enumerate(config.depths) for l in range(depth)]
+    where = [(stage, layer) for stage, depth in enumerate(config.depths) for layer in range(depth)]
     fixed = {
         "pos_embed": "embeddings.position_embeddings",
         "pos_embed_spatial": "embeddings.position_embeddings_spatial",
@@ -49,7 +49,8 @@ def official_to_transformers_keys(state: dict[str, torch.Tensor], config: HieraC
         ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
         ("head.projection.", "classifier."), ("head.fc.", "classifier."),
         ("head.norm.", "pooler.layernorm."), ("norm.", "pooler.layernorm."),
-        ("encoder_norm.", "encoder_norm."), ("multi_scale_fusion_heads.", "multiscale_fusion.multi_scale_fusion_heads."),
+        ("encoder_norm.", "encoder_norm."),
+        ("multi_scale_fusion_heads.", "multiscale_fusion.multi_scale_fusion_heads."),
         ("decoder_embed.", "decoder.decoder_embeddings."), ("decoder_norm.", "decoder.decoder_norm."),
         ("decoder_pred.", "decoder.decoder_pred."),
     ]
@@ -63,8 +64,8 @@ def official_to_transformers_keys(state: dict[str, torch.Tensor], config: HieraC
             if i >= len(where):
                 raise ValueError(f"checkpoint has block {i} but the config has {len(where)} blocks (depths "
                                  f"{config.depths}); pass the matching config=")
-            s, l = where[i]
-            out[f"encoder.stages.{s}.layers.{l}.{_block_key(m.group(2))}"] = value
+            stage, layer = where[i]
+            out[f"encoder.stages.{stage}.layers.{layer}.{_block_key(m.group(2))}"] = value
             continue
         if m := re.match(r"decoder_blocks\.(\d+)\.(.*)", key):
             out[f"decoder.decoder_block.layers.{m.group(1)}.{_block_key(m.group(2))}"] = value

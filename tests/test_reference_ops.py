@@ -45,3 +45,20 @@ def test_unrolled_max_pool_is_the_official_do_pool():
 def test_eager_gradcheck():
     qkv = torch.randn(1, 16 * 2, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ops.mask_unit_attention(t, 2, 4, 4, True), (qkv,))
+
+
+@pytest.mark.parametrize("B, T, nw, s, heads, hd", GEOMETRIES)
+def test_analytic_backward_matches_autograd(B, T, nw, s, heads, hd):
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, dtype=torch.float64, requires_grad=True)
+    ref = reference.mask_unit_attention_official(qkv, heads, s, nw)
+    g = torch.randn_like(ref)
+    (d_ref,) = torch.autograd.grad(ref, qkv, g)
+    got = reference.mask_unit_attention_backward_eager(g, qkv.detach(), heads, s, nw)
+    torch.testing.assert_close(got, d_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_analytic_max_pool_backward_matches_autograd():
+    x = torch.randn(2, 32, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 8, 5, dtype=torch.float64).expand(2, 8, 5)
+    (ref,) = torch.autograd.grad(x.view(2, 4, 8, 5).max(dim=1).values, x, g)
+    torch.testing.assert_close(reference.unrolled_max_pool_backward_eager(g, x.detach(), 4), ref, rtol=0, atol=0)

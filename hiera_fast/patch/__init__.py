@@ -1,0 +1,35 @@
+"""Drop-in patch: put hiera-fast's fused kernels into transformers', timm's and the official Hiera models.
+
+On an existing model (in place; ``unpatch`` undoes it)::
+
+    model = transformers.HieraForImageClassification.from_pretrained(...)
+    hiera_fast.patch(model)             # or: with hiera_fast.patched(model): ...
+
+On the classes, before models are built (Liger-Kernel style; each has an undo)::
+
+    hiera_fast.patch_transformers()     # patch_timm(), patch_official()
+
+One module per library (:mod:`.transformers`, :mod:`.timm`, :mod:`.official`) around a shared :mod:`.core`. None of
+them imports its library when imported (``patch_<library>()`` does): a model can only hold a library's modules once
+that library is imported, so :func:`patch` looks only at the libraries already loaded.
+"""
+
+from __future__ import annotations
+
+from .core import is_patched, patch, patched, unpatch
+from .official import patch_official, unpatch_official
+from .timm import patch_timm, unpatch_timm
+from .transformers import patch_transformers, unpatch_transformers
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "patched",
+    "is_patched",
+    "patch_transformers",
+    "unpatch_transformers",
+    "patch_timm",
+    "unpatch_timm",
+    "patch_official",
+    "unpatch_official",
+]

@@ -1,0 +1,132 @@
+"""Training with ``fused=True``: opcheck of every op, gradients, torch.compile(fullgraph=True), a few optimizer
+steps against ``fused=False``, autocast. On a CPU the ops run the Triton kernels under the interpreter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hiera_fast as H
+from hiera_fast import ops
+from helpers import max_abs, randomize_, tiny_image_config, tiny_mae_config
+
+OPCHECK_CASES = [  # (B, T, nw, q_stride, heads, head_dim)
+    (2, 16, 4, 4, 2, 8), (1, 64, 2, 1, 1, 16), (1, 49, 1, 1, 2, 8), (2, 16, 1, 4, 1, 12),
+]
+
+
+@pytest.mark.parametrize("B, T, nw, s, heads, hd", OPCHECK_CASES)
+def test_opcheck_attention(B, T, nw, s, heads, hd, device):
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_fwd.default, (qkv, heads, s, nw))
+    out = ops._attention_fwd(qkv.detach(), heads, s, nw)
+    g = torch.randn_like(out[0])
+    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_bwd.default,
+                          (g, qkv.detach(), out[0], out[1], heads, s, nw))
+
+
+def test_opcheck_max_pool(device):
+    x = torch.randn(2, 32, 12, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_fwd.default, (x, 4))
+    torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_bwd.default,
+                          (torch.randn(2, 8, 12, device=device), x.detach(), 4))
+
+
+def test_fused_op_gradient_matches_float64(device):
+    qkv = torch.randn(2, 16 * 4, 3 * 2 * 8, device=device, requires_grad=True)
+    out = ops.mask_unit_attention(qkv, 2, 4, 4, True, fused=True)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, g)
+    ref_in = qkv.detach().double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(H.reference.mask_unit_attention_official(ref_in, 2, 4, 4), ref_in, g.double())
+    assert max_abs(got, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def _train(model, steps, make_batch, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(**make_batch(step)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["classifier", "mae"])
+def test_twenty_steps_fused_equal_eager(kind, device):
+    """20 AdamW steps on one fixed batch (so the loss must fall): fused and eager losses stay together."""
+    gen = torch.Generator().manual_seed(1)
+    batch = dict(pixel_values=torch.randn(2, 3, 64, 64, generator=gen).to(device))
+    if kind == "mae":
+        eager = H.HieraForPreTraining(tiny_mae_config(depths=(1, 1, 1, 1)))
+        batch["noise"] = torch.rand(2, 4, generator=gen).to(device)
+    else:
+        eager = H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1)))
+        batch["labels"] = torch.randint(0, 7, (2,), generator=gen).to(device)
+    eager = randomize_(eager, std=0.05).to(device)
+    fused = copy.deepcopy(eager)
+    fused.fused = True
+    before = ops.kernel_launches.copy()
+    got = _train(fused.train(), 20, lambda step: batch)
+    ref = _train(eager.train(), 20, lambda step: batch)
+    launched = ops.kernel_launches - before
+    assert launched["mask_unit_attention_fwd"] > 0 and launched["mask_unit_attention_bwd"] > 0
+    assert ref[-1] < 0.9 * ref[0]  # it trains
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (got, ref)
+
+
+@pytest.mark.slow_compile
+def test_compile_fullgraph_mae_forward_backward(device):
+    """Inductor, fullgraph: masking, the custom ops and their autograd trace without graph breaks."""
+    model = randomize_(H.HieraForPreTraining(tiny_mae_config(), fused=True), std=0.1).to(device)
+    x, noise = torch.randn(2, 3, 64, 64, device=device), torch.rand(2, 4, device=device)
+    ref = model(x, noise=noise)
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, noise=noise)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    assert max_abs(out.logits, ref.logits) <= 1e-5 * ref.logits.abs().max().item()
+    for p, g in zip(model.parameters(), ref_grads):
+        assert max_abs(p.grad, g) <= 1e-4 * max(g.abs().max().item(), 1e-6)
+
+
+def test_compile_fullgraph_classifier_aot_eager(device):
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(), fused=True), std=0.1).to(device)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    ref = model(x).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    before = ops.kernel_launches["mask_unit_attention_fwd"]
+    out = compiled(x).logits
+    assert ops.kernel_launches["mask_unit_attention_fwd"] > before
+    out.sum().backward()
+    assert max_abs(out, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_autocast_gradients_in_parameter_dtype(device):
+    """Mixed precision: the ops see fp16 activations; the gradients come back in the parameters' dtype (fp32)."""
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(), fused=True), std=0.1).to(device)
+    x, labels = torch.randn(2, 3, 64, 64, device=device), torch.randint(0, 7, (2,), device=device)
+    try:
+        with torch.autocast(device, dtype=torch.float16):
+            loss = model(x, labels=labels).loss
+    except RuntimeError as err:  # pragma: no cover - depends on the CPU build
+        pytest.skip(f"fp16 autocast unsupported here: {err}")
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+    eager = copy.deepcopy(model)
+    eager.fused = False
+    eager.zero_grad()
+    with torch.autocast(device, dtype=torch.float16):
+        ref = eager(x, labels=labels).loss
+    assert abs(loss.item() - ref.item()) <= 2e-2 * max(1.0, abs(ref.item()))
