@@ -1,0 +1,72 @@
+"""GPU lane: bf16 parity (the interpreter cannot check bf16), full-size Hiera geometries, CUDA graphs.
+
+Skipped without CUDA. Run on a GPU machine with ``python -m pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hiera_fast as H
+from hiera_fast import ops, reference
+from helpers import randomize_, tiny_mae_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Hiera-B's attention calls at 224² and Hiera-B-16x224's global call, batch 8 (B, T, nw, q_stride, heads, hd)
+FULL_SIZE = [
+    (8, 64, 49, 1, 1, 96), (8, 64, 49, 4, 2, 96), (8, 16, 49, 1, 2, 96), (8, 16, 49, 4, 4, 96),
+    (8, 196, 1, 1, 4, 96), (8, 196, 1, 4, 8, 96), (8, 49, 1, 1, 8, 96),
+    (2, 1568, 1, 1, 4, 96), (2, 64, 392, 4, 2, 96), (8, 64, 49, 1, 2, 56), (8, 64, 49, 1, 2, 72),
+]
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B, T, nw, s, heads, hd", FULL_SIZE)
+def test_forward_backward_within_twice_eager_error(B, T, nw, s, heads, hd, dtype):
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, device="cuda", dtype=dtype)
+    grad = torch.randn(B, T // s * nw, heads * hd, device="cuda", dtype=dtype)
+    ref_in = qkv.double().requires_grad_(True)
+    ref = reference.mask_unit_attention_official(ref_in, heads, s, nw)
+    (d_ref,) = torch.autograd.grad(ref, ref_in, grad.double())
+    results = {}
+    for fused in (True, False):
+        x = qkv.clone().requires_grad_(True)
+        out = ops.mask_unit_attention(x, heads, s, T // s if nw > 1 else 0, nw > 1, fused=fused)
+        (d_x,) = torch.autograd.grad(out, x, grad)
+        results[fused] = (_err(out, ref), _err(d_x, d_ref))
+    floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
+    assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
+    assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()
+
+
+def test_bf16_model_fused_equals_eager():
+    model = H.HieraForImageClassification(H.HieraConfig.from_preset("hiera_base_224")).cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(x).logits.float()
+        model.fused = True
+        got = model(x).logits.float()
+    assert (got - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+def test_cuda_graphs_training_step():
+    """torch.compile(mode="reduce-overhead") captures the fused forward+backward in CUDA graphs."""
+    eager = randomize_(H.HieraForPreTraining(tiny_mae_config()), std=0.05).cuda()
+    fused = copy.deepcopy(eager)
+    fused.fused = True
+    step = torch.compile(lambda m, x, n: m(x, noise=n).loss, mode="reduce-overhead", fullgraph=True)
+    x, noise = torch.randn(4, 3, 64, 64, device="cuda"), torch.rand(4, 4, device="cuda")
+    for _ in range(3):
+        loss = step(fused, x, noise)
+        loss.backward()
+    ref = eager(x, noise=noise).loss
+    assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
