@@ -91,7 +91,7 @@ def _store_pooled_query_grad(DQ, stride_dq_n, Q, stride_q_n, dq, r, w, valid, d,
 # ---------------------------------------------------------------------------------------------- window variant
 @triton.jit
 def _mask_unit_attn_bwd_window_kernel(
-    DO, QKV, O, LSE, DQKV,
+    DO, QKV, OUT, LSE, DQKV,
     stride_do_b, stride_do_n, stride_do_c,
     stride_qkv_b, stride_qkv_n,
     stride_o_b, stride_o_n, stride_o_c,
@@ -130,7 +130,7 @@ def _mask_unit_attn_bwd_window_kernel(
     k = _load_rows(qkv + channels, stride_qkv_n, 1, kv_rows, valid_n, d, mask_d)
     v = _load_rows(qkv + 2 * channels, stride_qkv_n, 1, kv_rows, valid_n, d, mask_d)
     do = _load_rows(DO + b * stride_do_b, stride_do_n, stride_do_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
-    o = _load_rows(O + b * stride_o_b, stride_o_n, stride_o_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
+    o = _load_rows(OUT + b * stride_o_b, stride_o_n, stride_o_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
     delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)  # D = rowsum(dO * O)
     do = do.to(q.dtype)
     lse = tl.load(LSE + b * stride_lse_b + h * stride_lse_h + out_rows * stride_lse_n, mask=valid_m, other=0.0)
@@ -152,7 +152,7 @@ def _mask_unit_attn_bwd_window_kernel(
 # ---------------------------------------------------------------------------------------------- split variant
 @triton.jit
 def _mask_unit_attn_bwd_dq_kernel(
-    DO, QKV, O, LSE, DELTA, DQKV,
+    DO, QKV, OUT, LSE, DELTA, DQKV,
     stride_do_b, stride_do_n, stride_do_c,
     stride_qkv_b, stride_qkv_n,
     stride_o_b, stride_o_n, stride_o_c,
@@ -179,7 +179,7 @@ def _mask_unit_attn_bwd_dq_kernel(
 
     q, _ = _pooled_query(qkv, stride_qkv_n, r, w, valid_m, d, mask_d, tokens_out, num_windows, q_stride)
     do = _load_rows(DO + b * stride_do_b, stride_do_n, stride_do_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
-    o = _load_rows(O + b * stride_o_b, stride_o_n, stride_o_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
+    o = _load_rows(OUT + b * stride_o_b, stride_o_n, stride_o_c, out_rows, valid_m, h * HEAD_DIM + d, mask_d)
     delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
     tl.store(DELTA + (b * num_heads + h) * (tokens_out * num_windows) + out_rows, delta, mask=valid_m)
     do = do.to(q.dtype)
