@@ -1,0 +1,95 @@
+"""What the benchmark suites share: the device a suite runs on (or why it skips), the smoke switch, and one way to
+time a case and record it as a row of pytest-benchmark's JSON.
+
+Every row's ``extra_info`` holds the environment (device, torch/triton/CUDA versions, date) and the case (suite,
+case, impl, dtype, shape, batch) plus ``median_ms`` and the suite's throughput numbers; ``benchmarks/report.py``
+reads only ``extra_info``.
+
+Timing: ops on CUDA use ``triton.testing.do_bench`` (median; warm-up first; L2 flushed) for ``median_ms``; models,
+training steps and every CPU case use the rounds pytest-benchmark runs (each round synchronizes the device), median.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+from hiera_fast import bench
+
+SMOKE_ENV = "HIERA_FAST_BENCH_SMOKE"
+NO_CUDA_REASON = ("needs CUDA (no CUDA device here): run `pytest benchmarks/` on a GPU machine, or add --bench-smoke "
+                  "to run this case at toy sizes to exercise its code")
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    smoke: bool  # toy sizes: the code paths run, the numbers mean nothing
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def smoke_requested(config: pytest.Config) -> bool:
+    return bool(config.getoption("--bench-smoke", default=False)) or os.environ.get(SMOKE_ENV, "0") not in ("", "0")
+
+
+def gpu_setup(config: pytest.Config) -> Setup:
+    """The device of a GPU suite: CUDA, or this device at toy sizes under --bench-smoke; otherwise skip."""
+    smoke = smoke_requested(config)
+    if torch.cuda.is_available():
+        return Setup(torch.device("cuda"), smoke)
+    if smoke:
+        return Setup(torch.device("cpu"), True)
+    pytest.skip(NO_CUDA_REASON)
+
+
+def record(benchmark, setup: Setup | None, **info) -> None:
+    """Environment + case into the row's ``extra_info``."""
+    device = setup.device if setup else torch.device("cpu")
+    benchmark.extra_info.update(bench.environment(device))
+    benchmark.extra_info["smoke"] = bool(setup and setup.smoke)
+    for key, value in info.items():
+        if isinstance(value, torch.dtype):
+            value = bench.dtype_name(value)
+        elif isinstance(value, torch.Size):
+            value = list(value)
+        benchmark.extra_info[key] = value
+
+
+def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds: int, warmup_rounds: int = 1,
+            do_bench: bool = False, grad_to_none: Sequence[torch.Tensor] | None = None,
+            memory: bool = True) -> float:
+    """Run ``fn`` under ``benchmark.pedantic`` (each round synchronized) and return the median ms: of those rounds, or
+    of ``triton.testing.do_bench`` when ``do_bench`` and on CUDA. Records ``median_ms``, ``timer`` and
+    ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``."""
+    times: list[float] = []
+
+    def target():
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        bench.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    timed = times[-rounds:]
+    if do_bench and device.type == "cuda":
+        median = bench.time_ms(fn, device, grad_to_none=grad_to_none)
+        benchmark.extra_info["timer"] = "triton.testing.do_bench median"
+    else:
+        median = statistics.median(timed)
+        benchmark.extra_info["timer"] = f"median of {len(timed)} synchronized rounds"
+    benchmark.extra_info["median_ms"] = median
+    benchmark.extra_info["min_ms"] = min(timed)
+    if memory:
+        benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)
+    return median

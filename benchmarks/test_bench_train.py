@@ -1,0 +1,55 @@
+"""Training: one MAE step (forward + backward + fused AdamW) of Hiera-B at 224², batch 128, bf16 autocast: our model
+eager, ``fused=True``, ``fused=True`` + ``torch.compile``, the official ``MaskedAutoencoderHiera`` (and
+``hiera_optim.optimize`` on it where installed, and transformers' ``HieraForPreTraining``), same weights; peak memory
+(weights, AdamW state and activations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import measure, record, smoke_requested
+from hiera_fast import bench
+
+CASES = (("mae_hiera_base_224", 128),)
+IMPLS = ("eager", "fused", "fused+compile", "official", "hiera-optim", "transformers")
+
+
+def pytest_generate_tests(metafunc):
+    if {"name", "batch", "impl"} <= set(metafunc.fixturenames):
+        cases = (("mae_hiera_tiny_224", 1),) if smoke_requested(metafunc.config) else CASES
+        metafunc.parametrize(("name", "batch", "impl"),
+                             [pytest.param(n, b, i, id=f"{n}-b{b}-{i}") for n, b in cases for i in IMPLS])
+
+
+def test_mae_train_step(benchmark, gpu, name, batch, impl):
+    device = gpu.device
+    dtype = torch.bfloat16 if gpu.cuda else torch.float32  # autocast dtype; the weights stay fp32
+    if not gpu.cuda and impl.startswith("fused"):
+        pytest.skip("smoke run on a CPU: the interpreter is far too slow for a 224² model")
+    config = bench.preset_config(name)
+    benchmark.group = f"train {name} b{batch} {bench.dtype_name(dtype)} autocast"
+    try:
+        variant = bench.build_variant(name, impl, device, None, train=True)
+    except bench.Unavailable as err:
+        pytest.skip(str(err))
+    x = bench.make_input(config, batch, device)
+    step = bench.train_step(variant, x, dtype)
+    try:
+        step()  # compiles and allocates the optimizer state before timing
+    except torch.OutOfMemoryError:
+        del variant, step
+        bench.free_memory()
+        pytest.skip(f"{impl} runs out of memory at batch {batch}")
+    except Exception as err:  # a peer that cannot run here is a skip with its reason; our own variants must run
+        if impl not in bench.PEER_IMPLS:
+            raise
+        pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    mode = f"train (forward + backward + AdamW{', autocast' if gpu.cuda else ''})"
+    record(benchmark, gpu, suite="train", model=name, case=f"{name} b{batch} MAE step", impl=impl, dtype=dtype,
+           batch=batch, shape=list(x.shape), mode=mode,
+           unit=bench.item_unit(config), note=variant.note)
+    ms = measure(benchmark, step, device, rounds=2 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 3)
+    benchmark.extra_info["items_per_s"] = batch / (ms * 1e-3)
+    del variant, step, x
+    bench.free_memory()

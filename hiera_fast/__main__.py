@@ -1,0 +1,7 @@
+"""``python -m hiera_fast``: the ``hiera-fast`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
