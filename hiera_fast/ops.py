@@ -121,25 +121,30 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())
 def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int,
                    with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, N // q_stride, C], lse)``; ``lse`` is ``[B, heads, N // q_stride]`` float32 when the
-    Triton backends run with ``with_lse`` (training), else an empty tensor (inference; the eager backward
-    recomputes instead)."""
+    """Returns ``(out [B, N // q_stride, C], lse)``.
+
+    With ``with_lse`` (training) ``lse`` is ``[B, heads, N // q_stride]`` float32 for the backward kernel; the eager
+    backend leaves it unfilled (its backward recomputes instead). Without it (inference) ``lse`` is empty. The
+    shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache) stays valid whichever
+    backend runs it."""
     if _use_triton(qkv.device, "mask_unit_attention"):
         kernel_launches["mask_unit_attention_fwd"] += 1
         result = _kernel_module("attention_fwd").mask_unit_attention_forward(
             _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
         return result if with_lse else (result, qkv.new_empty(0, dtype=torch.float32))
     out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
-    return out, qkv.new_empty(0, dtype=torch.float32)
+    return out, _lse_like(qkv, num_heads, q_stride, with_lse)
+
+
+def _lse_like(qkv: torch.Tensor, num_heads: int, q_stride: int, with_lse: bool) -> torch.Tensor:
+    B, N, _ = qkv.shape
+    return qkv.new_empty((B, num_heads, N // q_stride) if with_lse else (0,), dtype=torch.float32)
 
 
 @_attention_fwd.register_fake
 def _(qkv, num_heads, q_stride, num_windows, with_lse=True):
     B, N, three_c = qkv.shape
-    out = qkv.new_empty(B, N // q_stride, three_c // 3)
-    if not with_lse or fused_backend(qkv.device)[0] == "eager":
-        return out, qkv.new_empty(0, dtype=torch.float32)
-    return out, qkv.new_empty(B, num_heads, N // q_stride, dtype=torch.float32)
+    return qkv.new_empty(B, N // q_stride, three_c // 3), _lse_like(qkv, num_heads, q_stride, with_lse)
 
 
 @torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", mutates_args=())
@@ -148,7 +153,7 @@ def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
     """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
     eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
     bwd = _kernel_module("attention_bwd")
-    if bwd is not None and lse.numel() > 0 and _use_triton(qkv.device, "mask_unit_attention backward"):
+    if bwd is not None and _use_triton(qkv.device, "mask_unit_attention backward"):
         kernel_launches["mask_unit_attention_bwd"] += 1
         return bwd.mask_unit_attention_backward(
             grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)

@@ -81,8 +81,11 @@ def test_twenty_steps_fused_equal_eager(kind, device):
 
 
 @pytest.mark.slow_compile
-def test_compile_fullgraph_mae_forward_backward(device):
+def test_compile_fullgraph_mae_forward_backward(device, monkeypatch):
     """Inductor, fullgraph: masking, the custom ops and their autograd trace without graph breaks."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile for real, not from disk
     model = randomize_(H.HieraForPreTraining(tiny_mae_config(), fused=True), std=0.1).to(device)
     x, noise = torch.randn(2, 3, 64, 64, device=device), torch.rand(2, 4, device=device)
     ref = model(x, noise=noise)

@@ -26,7 +26,10 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
+
+from .. import ops
 
 SAVED = "_hiera_fast_saved"  # instance attribute: {name: previous instance attribute or _MISSING}
 _MISSING = object()
@@ -168,6 +171,18 @@ def fused(fn: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------ instances
+def fused_attention(module: nn.Module, x: torch.Tensor, num_heads: int, q_stride: int) -> torch.Tensor:
+    """The body every library's patched attention shares: its ``qkv`` Linear → the fused op → its ``proj``.
+
+    ``num_heads``/``q_stride`` are passed in because the libraries name them differently; ``window_size`` and
+    ``use_mask_unit_attn`` are named alike in all three.
+    """
+    qkv = module.qkv(x)  # [B, N, 3 * dim_out]
+    out = ops.mask_unit_attention(qkv, num_heads, q_stride, module.window_size, module.use_mask_unit_attn,
+                                  fused=True)  # [B, N // q_stride, dim_out]
+    return module.proj(out)
+
+
 def is_patched(module: nn.Module) -> bool:
     """Whether ``module`` (one attention or block module) runs a fused forward, by instance or class patch."""
     return _is_ours(getattr(module, "forward", None))

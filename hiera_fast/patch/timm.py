@@ -17,10 +17,7 @@ from . import core
 def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``MaskUnitAttention.forward`` on the fused kernel (windowed and global alike)."""
     LIBRARY.check(self, LIBRARY.attention)
-    qkv = self.qkv(x)  # [B, N, 3 * dim_out]
-    out = ops.mask_unit_attention(qkv, self.heads, self.q_stride, self.window_size, self.use_mask_unit_attn,
-                                  fused=True)  # [B, N // q_stride, dim_out]
-    return self.proj(out)
+    return core.fused_attention(self, x, self.heads, self.q_stride)
 
 
 @core.fused

@@ -20,10 +20,7 @@ def attention_forward(self, hidden_states: torch.Tensor, output_attentions: bool
     if output_attentions or kwargs:
         return core.original(self, "forward")(hidden_states, output_attentions=output_attentions, **kwargs)
     LIBRARY.check(self, LIBRARY.attention)
-    qkv = self.qkv(hidden_states)  # [B, N, 3 * dim_out]
-    out = ops.mask_unit_attention(qkv, self.num_heads, self.query_stride, self.window_size, self.use_mask_unit_attn,
-                                  fused=True)  # [B, N // query_stride, dim_out]
-    return self.proj(out), None
+    return core.fused_attention(self, hidden_states, self.num_heads, self.query_stride), None
 
 
 @core.fused
