@@ -56,7 +56,7 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
     if device.type == "cuda":
         if _interpreter_on():
             return "eager", "TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA in this process"
-        return "triton", f"CUDA device {torch.cuda.get_device_name(device)}"
+        return "triton", "CUDA tensor: the Triton kernels run on the GPU"
     if device.type == "cpu":
         if _interpreter_on():
             return "triton-interpreter", "CPU tensor and TRITON_INTERPRET=1: Triton's interpreter runs the kernels"
@@ -64,8 +64,13 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
     return "eager", f"no Triton kernels for device type {device.type!r}"
 
 
+@functools.lru_cache(maxsize=None)
+def _backend_for(device_type: str, interpreter: bool) -> tuple[str, str]:
+    return fused_backend(device_type)
+
+
 def _use_triton(device: torch.device, op: str) -> bool:
-    backend, reason = fused_backend(device)
+    backend, reason = _backend_for(device.type, _interpreter_on())  # cached: this runs on every fused call
     if backend == "eager" and op not in _warned:
         _warned.add(op)
         warnings.warn(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}", RuntimeWarning, stacklevel=3)
