@@ -65,7 +65,7 @@ def _load_kv_block(qkv_bh, start, hi, w0, T, num_windows, stride_n, C,
 def _online_softmax_step(q, k_t, v, q_win, k_win, col_ok, m_i, l_i, acc, qk_scale,
                          PACKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One flash step: scores in log2 units, rescale the running (max, sum, acc) and add ``P @ V``."""
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(acc.dtype) * qk_scale  # [M, N]
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=acc.dtype) * qk_scale  # [M, N]
     ok = col_ok[None, :]
     if PACKED:
         ok = ok & (q_win[:, None] == k_win[None, :])  # block-diagonal: a query sees its own window only
@@ -74,7 +74,8 @@ def _online_softmax_step(q, k_t, v, q_win, k_win, col_ok, m_i, l_i, acc, qk_scal
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    # out_dtype = the accumulator's (fp64 for fp64): triton 3.6 requires it to match acc's dtype
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc
 
 
