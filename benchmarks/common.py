@@ -51,6 +51,20 @@ def gpu_setup(config: pytest.Config) -> Setup:
     pytest.skip(NO_CUDA_REASON)
 
 
+def first_run_or_skip(step: Callable[[], object], impl: str, batch: int) -> None:
+    """Run ``step`` once (compiles, warms up, allocates optimizer state) before timing. Out of memory is a skip;
+    so is a peer implementation that cannot run here (with its reason); our own variants must run."""
+    try:
+        step()
+    except torch.OutOfMemoryError:
+        bench.free_memory()
+        pytest.skip(f"{impl} runs out of memory at batch {batch}")
+    except Exception as err:
+        if impl not in bench.PEER_IMPLS:
+            raise
+        pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+
 def record(benchmark, setup: Setup | None, **info) -> None:
     """Environment + case into the row's ``extra_info``."""
     device = setup.device if setup else torch.device("cpu")

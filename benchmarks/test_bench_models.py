@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import measure, record, smoke_requested
+from benchmarks.common import first_run_or_skip, measure, record, smoke_requested
 from hiera_fast import bench
 
 SIZES = ("tiny", "small", "base", "base_plus", "large", "huge")
@@ -44,16 +44,7 @@ def test_inference(benchmark, gpu, name, batch, impl):
         pytest.skip(str(err))
     x = bench.make_input(config, batch, device, dtype)
     step = bench.inference_step(variant, x)
-    try:
-        step()  # compiles (fused+compile) and warms up before timing
-    except torch.OutOfMemoryError:
-        del variant, step
-        bench.free_memory()
-        pytest.skip(f"{impl} runs out of memory at batch {batch}")
-    except Exception as err:  # a peer that cannot run here is a skip with its reason; our own variants must run
-        if impl not in bench.PEER_IMPLS:
-            raise
-        pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    first_run_or_skip(step, impl, batch)  # compile + warm-up before timing
     record(benchmark, gpu, suite="model", model=name, case=f"{name} b{batch}", impl=impl, dtype=dtype, batch=batch,
            shape=list(x.shape), mode="inference", unit=bench.item_unit(config), note=variant.note)
     ms = measure(benchmark, step, device, rounds=2 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 3)

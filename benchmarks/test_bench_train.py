@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import measure, record, smoke_requested
+from benchmarks.common import first_run_or_skip, measure, record, smoke_requested
 from hiera_fast import bench
 
 CASES = (("mae_hiera_base_224", 128),)
@@ -35,16 +35,7 @@ def test_mae_train_step(benchmark, gpu, name, batch, impl):
         pytest.skip(str(err))
     x = bench.make_input(config, batch, device)
     step = bench.train_step(variant, x, dtype)
-    try:
-        step()  # compiles and allocates the optimizer state before timing
-    except torch.OutOfMemoryError:
-        del variant, step
-        bench.free_memory()
-        pytest.skip(f"{impl} runs out of memory at batch {batch}")
-    except Exception as err:  # a peer that cannot run here is a skip with its reason; our own variants must run
-        if impl not in bench.PEER_IMPLS:
-            raise
-        pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    first_run_or_skip(step, impl, batch)  # compile + warm-up before timing
     mode = f"train (forward + backward + AdamW{', autocast' if gpu.cuda else ''})"
     record(benchmark, gpu, suite="train", model=name, case=f"{name} b{batch} MAE step", impl=impl, dtype=dtype,
            batch=batch, shape=list(x.shape), mode=mode,
