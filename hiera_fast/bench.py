@@ -332,12 +332,12 @@ def reference_state(name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in reference_model(preset_key(name)).state_dict().items()}
 
 
-def _state_for_peer(peer: nn.Module, ours: dict[str, torch.Tensor], config: HieraConfig, timm: bool = False) -> dict:
+def _state_for_peer(peer: nn.Module, ours: dict[str, torch.Tensor], config: HieraConfig) -> dict:
     """Our (transformers-named) weights renamed to an official/timm model's keys, via the key map the loader uses."""
     from .weights import official_to_transformers_keys
 
     base = {k.removeprefix("hiera."): v for k, v in ours.items()}
-    names = official_to_transformers_keys({k: k for k in peer.state_dict()}, config, timm=timm)  # ours -> theirs
+    names = official_to_transformers_keys({k: k for k in peer.state_dict()}, config)  # ours -> theirs
     missing = [k for k in names if k not in base]
     if missing:
         raise Unavailable(f"weights do not map onto the peer model (e.g. {missing[:3]})")
@@ -468,7 +468,7 @@ def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch
             model = timm.create_model(preset_key(name), pretrained=False, num_classes=config.num_labels)
         except RuntimeError as err:  # unknown model name in this timm version
             raise Unavailable(f"timm has no {preset_key(name)}: {err}")
-        model.load_state_dict(_state_for_peer(model, state, config, timm=True))
+        model.load_state_dict(_state_for_peer(model, state, config))
         model = model.to(device=device, dtype=dtype).train(train)
         return Variant(impl, model, model, lambda x: ce(model(x), x))
 

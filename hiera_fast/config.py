@@ -6,7 +6,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 def _tuple(value: Any, name: str, kind: type = int) -> tuple:
@@ -221,10 +221,6 @@ class HieraConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown Hiera preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
-
-    def replace(self, **overrides: Any) -> "HieraConfig":
-        data = {**asdict(self), **overrides}
-        return HieraConfig(**data)
 
 
 _SIZES = {  # name: (embed_dim, heads of stage 1, depths)

@@ -14,11 +14,6 @@ import torch
 import torch.nn.functional as F
 
 
-def num_windows_for(num_tokens: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
-    """Number of mask units the attention runs over (1 for global attention), as the official code computes it."""
-    return num_tokens // (q_stride * window_size) if use_mask_unit_attn else 1
-
-
 def mask_unit_attention_official(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
     """The official 5-D formulation (``hiera/hiera.py: MaskUnitAttention``) with an explicit softmax.
 

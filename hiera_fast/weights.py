@@ -34,9 +34,9 @@ def _block_key(rest: str) -> str:
     return rest
 
 
-def official_to_transformers_keys(state: dict[str, torch.Tensor], config: HieraConfig,
-                                  timm: bool = False) -> dict[str, torch.Tensor]:
-    """Rename official (``hiera`` package) or timm keys to our/transformers' names (without the ``hiera.`` prefix)."""
+def official_to_transformers_keys(state: dict[str, torch.Tensor], config: HieraConfig) -> dict[str, torch.Tensor]:
+    """Rename official (``hiera`` package) or timm keys to our/transformers' names (without the ``hiera.`` prefix);
+    timm differs only in its head (``head.fc``, ``head.norm``)."""
     where = [(stage, layer) for stage, depth in enumerate(config.depths) for layer in range(depth)]
     fixed = {
         "pos_embed": "embeddings.position_embeddings",
@@ -97,7 +97,7 @@ def to_base_keys(state: dict[str, torch.Tensor], config: HieraConfig) -> dict[st
     fmt = checkpoint_format(state)
     if fmt == "transformers":
         return {k.removeprefix("hiera."): v for k, v in state.items()}
-    return official_to_transformers_keys(state, config, timm=fmt == "timm")
+    return official_to_transformers_keys(state, config)
 
 
 def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
