@@ -17,6 +17,7 @@ otherwise the analytic eager backward of :mod:`hiera_fast.reference` (stated per
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib
 import os
@@ -30,7 +31,7 @@ __all__ = ["mask_unit_attention", "unrolled_max_pool", "fused_backend", "kernel_
 
 kernel_launches: collections.Counter = collections.Counter()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (op, reason) pairs already warned about
 
 
 # ---------------------------------------------------------------------------------------------- backend choice
@@ -69,12 +70,35 @@ def _backend_for(device_type: str, interpreter: bool) -> tuple[str, str]:
     return fused_backend(device_type)
 
 
-def _use_triton(device: torch.device, op: str) -> bool:
+def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -> bool:
+    """Whether ``op`` runs the Triton kernels on ``device``; ``unsupported`` is a shape the kernels do not take (see
+    :func:`_kernel_shape_limit`). Warns once per op and reason when it falls back to the eager path."""
     backend, reason = _backend_for(device.type, _interpreter_on())  # cached: this runs on every fused call
-    if backend == "eager" and op not in _warned:
-        _warned.add(op)
+    if backend != "eager" and unsupported:
+        backend, reason = "eager", unsupported
+    if backend == "eager" and (op, reason) not in _warned:
+        _warned.add((op, reason))
         warnings.warn(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}", RuntimeWarning, stacklevel=3)
     return backend != "eager"
+
+
+MAX_FUSED_HEAD_DIM = 256
+_MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes y and z, where the kernels put the batch
+_MAX_ROW_OFFSET = 2**31  # offsets inside one batch element are 32-bit in the kernels
+
+
+def _kernel_shape_limit(x: torch.Tensor, head_dim: int | None = None) -> str | None:
+    """Why the kernels cannot take ``x [B, N, C]`` (batch past the grid limit, a batch element past 32-bit offsets,
+    ``head_dim`` past :data:`MAX_FUSED_HEAD_DIM`), or None. Valid for every model-zoo shape; beyond it the fused
+    ops run the eager path rather than fail inside Triton."""
+    B, N, C = x.shape
+    if head_dim is not None and head_dim > MAX_FUSED_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_FUSED_HEAD_DIM}, the largest the Triton kernels take"
+    if B > _MAX_GRID_BATCH:
+        return f"batch {B} > {_MAX_GRID_BATCH}, the largest one kernel launch takes"
+    if N * C >= _MAX_ROW_OFFSET:
+        return f"one batch element holds {N * C} >= 2**31 elements (32-bit offsets inside a batch element)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -117,6 +141,18 @@ def _check_pool(x: torch.Tensor, stride: int) -> None:
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
 
 
+def _launch(op: str, module: str, launcher: str, device: torch.device, *args, **kwargs):
+    """Call ``hiera_fast.kernels.<module>.<launcher>(*args, **kwargs)`` on ``device`` and count it in
+    :data:`kernel_launches` under ``op``.
+
+    Triton launches on the *current* CUDA device, not on the tensors' device: without the guard a tensor on
+    ``cuda:1`` while ``cuda:0`` is current would be read by a kernel running on the wrong GPU."""
+    kernel_launches[op] += 1
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return getattr(_kernel_module(module), launcher)(*args, **kwargs)
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """Kernels read any batch/row strides but need a unit stride on the channel dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -132,13 +168,17 @@ def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows
     backend leaves it unfilled (its backward recomputes instead). Without it (inference) ``lse`` is empty. The
     shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache) stays valid whichever
     backend runs it."""
-    if _use_triton(qkv.device, "mask_unit_attention"):
-        kernel_launches["mask_unit_attention_fwd"] += 1
-        result = _kernel_module("attention_fwd").mask_unit_attention_forward(
-            _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
+    if _use_triton(qkv.device, "mask_unit_attention", _attention_shape_limit(qkv, num_heads)):
+        result = _launch("mask_unit_attention_fwd", "attention_fwd", "mask_unit_attention_forward", qkv.device,
+                         _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
         return result if with_lse else (result, qkv.new_empty(0, dtype=torch.float32))
     out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     return out, _lse_like(qkv, num_heads, q_stride, with_lse)
+
+
+def _attention_shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
+    """The forward and the backward fall back together (the eager forward leaves no lse for the kernel)."""
+    return _kernel_shape_limit(qkv, qkv.shape[-1] // (3 * num_heads))
 
 
 def _lse_like(qkv: torch.Tensor, num_heads: int, q_stride: int, with_lse: bool) -> torch.Tensor:
@@ -157,11 +197,11 @@ def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                    num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
     """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
     eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
-    bwd = _kernel_module("attention_bwd")
-    if bwd is not None and _use_triton(qkv.device, "mask_unit_attention backward"):
-        kernel_launches["mask_unit_attention_bwd"] += 1
-        return bwd.mask_unit_attention_backward(
-            grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
+    unsupported = _attention_shape_limit(qkv, num_heads)  # the forward's choice, so its lse is there
+    if _kernel_module("attention_bwd") is not None and _use_triton(qkv.device, "mask_unit_attention backward",
+                                                                  unsupported):
+        return _launch("mask_unit_attention_bwd", "attention_bwd", "mask_unit_attention_backward", qkv.device,
+                       grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
     return reference.mask_unit_attention_backward_eager(grad_out, qkv, num_heads, q_stride, num_windows)
 
 
@@ -216,9 +256,9 @@ def mask_unit_attention(
 # ---------------------------------------------------------------------------------------------- max-pool op
 @torch.library.custom_op("hiera_fast::unrolled_max_pool_fwd", mutates_args=())
 def _pool_fwd(x: torch.Tensor, stride: int) -> torch.Tensor:
-    if _use_triton(x.device, "unrolled_max_pool"):
-        kernel_launches["unrolled_max_pool_fwd"] += 1
-        return _kernel_module("max_pool").unrolled_max_pool_forward(_unit_last_stride(x), stride)
+    if _use_triton(x.device, "unrolled_max_pool", _kernel_shape_limit(x)):
+        return _launch("unrolled_max_pool_fwd", "max_pool", "unrolled_max_pool_forward", x.device,
+                       _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_eager(x, stride)
 
 
@@ -230,9 +270,9 @@ def _(x, stride):
 @torch.library.custom_op("hiera_fast::unrolled_max_pool_bwd", mutates_args=())
 def _pool_bwd(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
     """Gradient routed to the winning candidate (lowest index among ties)."""
-    if _use_triton(x.device, "unrolled_max_pool backward"):
-        kernel_launches["unrolled_max_pool_bwd"] += 1
-        return _kernel_module("max_pool").unrolled_max_pool_backward(grad_out, _unit_last_stride(x), stride)
+    if _use_triton(x.device, "unrolled_max_pool backward", _kernel_shape_limit(x)):
+        return _launch("unrolled_max_pool_bwd", "max_pool", "unrolled_max_pool_backward", x.device,
+                       grad_out, _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_backward_eager(grad_out, x, stride)
 
 

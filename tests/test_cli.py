@@ -57,7 +57,7 @@ def test_check_runs_the_kernels_and_passes():
 
 def test_check_fails_when_fused_falls_back(monkeypatch, capsys):
     """A fused model that silently runs the eager path must FAIL (exit 1), from the launch counts."""
-    monkeypatch.setattr(ops, "_use_triton", lambda device, op: False)
+    monkeypatch.setattr(ops, "_use_triton", lambda device, op, unsupported=None: False)
     code = cli.main(["check", "--heads", "cls", "--batch", "1", "--dtype", "fp32"])
     out = capsys.readouterr().out
     assert code == 1, out
@@ -104,6 +104,7 @@ BAD = [
     (["bench", "--batch", "0"], "--batch"),
     (["frobnicate"], "invalid choice"),
     pytest.param(["bench", "--compile"], "needs CUDA", marks=pytest.mark.skipif(CUDA, reason="CPU-only error")),
+    pytest.param(["bench", "--cudagraphs"], "needs CUDA", marks=pytest.mark.skipif(CUDA, reason="CPU-only error")),
     pytest.param(["check", "--dtype", "bf16"], "bf16", marks=pytest.mark.skipif(CUDA, reason="CPU-only error")),
 ]
 
