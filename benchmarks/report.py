@@ -20,7 +20,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OP_IMPLS = ("fused", "eager", "official-5d", "flex")
-MODEL_IMPLS = ("eager", "fused", "fused+compile", "transformers", "official", "timm", "hiera-optim")
+OUR_MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")  # hiera_fast.bench.MODEL_IMPLS
+MODEL_IMPLS = (*OUR_MODEL_IMPLS, "transformers", "official", "timm", "hiera-optim")
 PEAK_TBPS = 3.0
 
 
@@ -148,7 +149,7 @@ def throughput_section(rows: list[dict], plots: list, title: str) -> list[str]:
                 order.append(r["case"])
             cells[r["case"]][r["impl"]] = r
         header = ["model", "batch"] + [f"{i}: {unit} (peak GiB)" for i in impls]
-        ours = [i for i in ("eager", "fused", "fused+compile") if i in impls]
+        ours = [i for i in OUR_MODEL_IMPLS if i in impls]
         peers = [i for i in ("official", "transformers", "timm", "hiera-optim") if i in impls]
         header += [f"best ours vs {p}" for p in peers]
         if "eager" in impls and "fused" in impls:

@@ -1,7 +1,7 @@
 """Training: one MAE step (forward + backward + fused AdamW) of Hiera-B at 224², batch 128, bf16 autocast: our model
-eager, ``fused=True``, ``fused=True`` + ``torch.compile``, the official ``MaskedAutoencoderHiera`` (and
-``hiera_optim.optimize`` on it where installed, and transformers' ``HieraForPreTraining``), same weights; peak memory
-(weights, AdamW state and activations)."""
+eager, ``fused=True``, ``fused=True`` + ``torch.compile`` (default mode, and ``mode="reduce-overhead"``: CUDA
+graphs), the official ``MaskedAutoencoderHiera`` (and ``hiera_optim.optimize`` on it where installed, and
+transformers' ``HieraForPreTraining``), same weights; peak memory (weights, AdamW state and activations)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from benchmarks.common import first_run_or_skip, measure, record, smoke_requeste
 from hiera_fast import bench
 
 CASES = (("mae_hiera_base_224", 128),)
-IMPLS = ("eager", "fused", "fused+compile", "official", "hiera-optim", "transformers")
+IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs", "official", "hiera-optim", "transformers")
 
 
 def pytest_generate_tests(metafunc):

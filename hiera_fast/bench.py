@@ -38,7 +38,9 @@ L2_BYTES = 50 * 2**20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
-MODEL_IMPLS = ("eager", "fused", "fused+compile")
+MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")
+# torch.compile mode of our compiled variants: "reduce-overhead" captures forward and backward in CUDA graphs
+COMPILE_MODES = {"fused+compile": "default", "fused+cudagraphs": "reduce-overhead"}
 PEER_IMPLS = ("transformers", "official", "timm", "hiera-optim")
 
 
@@ -396,16 +398,21 @@ def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch
         model.fused = fused
         model = model.to(device=device, dtype=dtype).train(train)
         module = model
-        if impl == "fused+compile":
+        if impl in COMPILE_MODES:
             # a fresh dynamo cache per compiled model: compiles of earlier models count towards dynamo's recompile
             # limit on the shared forward code, past which it would silently run eager
             torch._dynamo.reset()
-            module = torch.compile(model)
-        if mae:
-            fwd = lambda x: module(x).loss  # noqa: E731
-            return Variant(impl, model, fwd, fwd)
-        fwd = lambda x: module(x).logits  # noqa: E731
-        return Variant(impl, model, fwd, lambda x: ce(fwd(x), x))
+            module = torch.compile(model, mode=COMPILE_MODES[impl])
+        cuda_graphs = COMPILE_MODES.get(impl) == "reduce-overhead"
+
+        def run(x):
+            if cuda_graphs:  # each call is a new step: the graphs' outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            out = module(x)
+            return out.loss if mae else out.logits
+
+        note = "torch.compile(mode='reduce-overhead'): CUDA graphs" if cuda_graphs and device.type == "cuda" else ""
+        return Variant(impl, model, run, run if mae else lambda x: ce(run(x), x), note)
 
     if impl in ("official", "hiera-optim"):
         try:

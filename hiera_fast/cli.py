@@ -383,9 +383,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = _model_name(args.model)
     config = bench.preset_config(name)
     notes = []
-    if args.compile and not cuda:
-        raise UsageError("--compile benchmarks the fused model under torch.compile, which needs CUDA "
-                         "(no CUDA device here)")
+    for flag, what in (("compile", "torch.compile"), ("cudagraphs", "torch.compile(mode='reduce-overhead')")):
+        if getattr(args, flag) and not cuda:
+            raise UsageError(f"--{flag} benchmarks the fused model under {what}, which needs CUDA (no CUDA device "
+                             "here)")
     if args.batch is not None and args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if args.iters < 1 or args.warmup < 0:
@@ -397,7 +398,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch = args.batch or (64 if cuda else 1)
     impls = ["eager"]
     if cuda:
-        impls += ["fused"] + (["fused+compile"] if args.compile else [])
+        impls += ["fused"] + ["fused+compile"] * args.compile + ["fused+cudagraphs"] * args.cudagraphs
     else:
         notes.append("no CUDA device: timing the eager model only; fused numbers need CUDA (on a CPU the Triton "
                      "kernels run only under Triton's interpreter, which is far too slow to time)")
@@ -499,12 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="throughput: eager vs fused (vs torch.compile, vs the peers)",
                        description="Images (or clips) per second of one model: eager vs fused=True (vs fused + "
-                                   "torch.compile with --compile, vs transformers/official/timm/hiera-optim with "
-                                   "--peers), and peak memory. Without CUDA only the eager model is timed.")
+                                   "torch.compile with --compile, + CUDA graphs with --cudagraphs, vs transformers/"
+                                   "official/timm/hiera-optim with --peers), and peak memory. Without CUDA only the "
+                                   "eager model is timed.")
     p.add_argument("--model", default="hiera_base_224", help="a preset (default: hiera_base_224)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on CUDA, 1 on a CPU)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--compile", action="store_true", help="also time fused + torch.compile (CUDA only)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="also time fused + torch.compile(mode='reduce-overhead'), i.e. CUDA graphs (CUDA only)")
     p.add_argument("--train", action="store_true", help="time a training step (forward + backward + AdamW, autocast; "
                                                         "mae_ presets: the MAE loss)")
     p.add_argument("--peers", action="store_true", help="also time transformers, official hiera, timm, hiera-optim "

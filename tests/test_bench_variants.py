@@ -1,0 +1,40 @@
+"""``hiera_fast.bench.build_variant``'s compiled variants: the torch.compile mode each one asks for, and the CUDA-graph
+step marker before every call (without it a CUDA-graph replay may overwrite the last step's outputs)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from hiera_fast import bench, ops
+
+
+@pytest.mark.skipif(ops.fused_backend("cpu")[0] == "eager", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+@pytest.mark.parametrize("impl, mode, marks_steps", [("fused+compile", "default", False),
+                                                     ("fused+cudagraphs", "reduce-overhead", True)])
+def test_compiled_variants(monkeypatch, impl, mode, marks_steps):
+    compiled, steps = [], []
+
+    def fake_compile(model, mode=None, **kwargs):
+        compiled.append((model, mode))
+        return lambda x: types.SimpleNamespace(logits=torch.full((x.shape[0], 1000), 2.0), loss=torch.tensor(5.0))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    variant = bench.build_variant("hiera_tiny_224", impl, "cpu", torch.float32)
+    assert len(compiled) == 1 and compiled[0][0] is variant.model and compiled[0][1] == mode
+    assert variant.model.fused
+    x = torch.zeros(2, 3, 8, 8)
+    assert torch.equal(variant.forward(x), torch.full((2, 1000), 2.0))
+    variant.loss(x)
+    assert len(steps) == (2 if marks_steps else 0)
+    mae = bench.build_variant("mae_hiera_tiny_224", impl, "cpu", torch.float32)
+    assert mae.forward(x).item() == 5.0 and compiled[-1][1] == mode
+
+
+def test_every_model_impl_builds_or_says_why():
+    assert set(bench.COMPILE_MODES) <= set(bench.MODEL_IMPLS)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bench.build_variant("hiera_tiny_224", "fused+jit", "cpu")
