@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements in one command, sized to fit one device call (~8 minutes of an
+# H100/H200 after the machine starts): GPU parity tests (bf16 included, CUDA graphs), the bf16 op benchmark
+# (fused vs eager 4-D SDPA vs the official 5-D call), the Hiera-B MAE training step (eager / fused /
+# fused + CUDA graphs / official / hiera-optim), Hiera-B inference at batch 256, and the markdown report.
+#
+#   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
+#   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
+#
+# BUDGET (seconds, default 540) bounds the whole script; steps run most important first and each is cut to what is
+# left. Writes at most 8 files into OUT_DIR (the device tool brings back 8): session.log (every step's output, with its
+# exit code and seconds), ops.json, train.json, models.json (pytest-benchmark) and ops.md, train.md, models.md
+# (python -m benchmarks.report). Each step has its own time limit; a step that overruns is interrupted with SIGINT,
+# so pytest still writes the JSON of what it measured, and the next step runs. Exit code: the number of failed steps.
+#
+# Peers that are not in the GPU image (hiera-transformer for `official`, hiera-optim; both pure Python, their needs
+# are in the image) travel as wheels in .whl/ (ignored by git): when .whl/ holds wheels they are installed into
+# /tmp/site first. In this workplace, from the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl hiera-transformer==0.1.4 hiera-optim==0.2.1
+#   device run: command "bash benchmarks/gpu_session.sh $OUT", carry [".whl"], timeout_s 590
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR}
+mkdir -p "$out"
+log="$out/session.log"
+: >"$log"
+failed=0
+python=${PYTHON:-python3}
+smoke=()
+[ "${SMOKE:-0}" != "0" ] && smoke=(--bench-smoke)
+
+deadline=$(($(date +%s) + ${BUDGET:-540}))  # the whole script: one device call is at most 600 s
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the budget has left), log its output
+    local name=$1 limit=$2 start rc left
+    shift 2
+    start=$(date +%s)
+    left=$((deadline - start - ${RESERVE:-0}))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 15 ]; then
+        echo "=== $name: skipped, the time budget is spent" | tee -a "$log"
+        failed=$((failed + 1))
+        return
+    fi
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout --signal=INT --kill-after=30 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$log"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step wheels 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! "$python" -c "import hiera_fast" 2>/dev/null; then
+    step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+step info 60 "$python" -m hiera_fast info
+command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
+
+# most important first; RESERVE keeps time for the reports at the end
+export RESERVE=30
+pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
+step gpu-tests 150 "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py
+step bench-train 220 "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
+    -k "eager or (fused and not compile) or official or optim" --benchmark-json="$out/train.json"
+step bench-ops 160 "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" -k "bf16 and not flex" \
+    --benchmark-json="$out/ops.json"
+step bench-models 120 "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
+    -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
+    --benchmark-json="$out/models.json"
+export RESERVE=0
+for json in "$out"/ops.json "$out"/train.json "$out"/models.json; do
+    [ -s "$json" ] && step "report-$(basename "$json" .json)" 60 "$python" -m benchmarks.report "$json" --out "$out" \
+        --no-plot
+done
+echo "=== done: $failed step(s) failed" | tee -a "$log"
+exit "$failed"
