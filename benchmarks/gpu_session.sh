@@ -56,9 +56,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! "$python" -c "import hiera_fast" 2>/dev/null; then
-    step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
-fi
+# always (a few seconds): from the repository root `import hiera_fast` finds the source folder even when the package
+# is not installed, but `hiera_fast.kernels` (kernels/) only exists for an installed one
+step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
 step info 60 "$python" -m hiera_fast info
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
 
