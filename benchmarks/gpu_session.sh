@@ -68,7 +68,7 @@ pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
 step gpu-tests 150 "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py
 step bench-train 220 "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
     -k "eager or (fused and not compile) or official or optim" --benchmark-json="$out/train.json"
-step bench-ops 160 "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" -k "bf16 and not flex" \
+step bench-ops 160 "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" -k "(bf16 or fp32) and not flex" \
     --benchmark-json="$out/ops.json"
 step bench-models 120 "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
     -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
