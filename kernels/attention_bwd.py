@@ -269,8 +269,8 @@ def attention_backward_config(head_dim: int, tokens_per_window: int, q_stride: i
 
     Returns ``{"variant": "window" | "split", "windows_per_program": int, "launches": {kernel: {constexprs...,
     "num_warps", "num_stages"[, "maxnreg"]}}}``, kernels named as in :data:`KERNELS`, in launch order. The window
-    variant while the packed keys fit one tile: 64 keys for fp16/bf16 up to head dim 128, 32 beyond, 16 for
-    fp32/fp64. Windows are packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the
+    variant while the packed keys fit one tile: 64 keys for fp16/bf16 up to head dim 128, 32 beyond; 16 for
+    fp32/fp64 (64 for head dims <= 16: spill-free there, and far fewer programs under the interpreter). Windows are packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the
     tile (4/16 and 16/16 windows: 4 per program, 64x64 scores). Otherwise the split. Tiles, warps and register
     budgets are the ones the compile lane shows spill-free on sm_80/sm_90 (fp64 spills beyond head dim 128). fp32
     and fp64 dots run in IEEE precision (fp32 on FMA units: fp32-exact, slow; fp64 on DMMA)."""
@@ -279,12 +279,12 @@ def attention_backward_config(head_dim: int, tokens_per_window: int, q_stride: i
     wide = dtype in (torch.float32, torch.float64)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                   DOT_PRECISION="ieee")
-    max_keys = 16 if wide else (32 if block_d > 128 else 64)
+    max_keys = (64 if block_d <= 16 else 16) if wide else (32 if block_d > 128 else 64)
     pack = max(triton.cdiv(16, T_out), max_keys // T, 1)
     block_m, block_n = max(16, next_power_of_2(pack * T_out)), max(16, next_power_of_2(pack * T))
     if block_n <= max_keys:
         warps = 8 if block_m * block_d >= 64 * 64 or block_n * block_d >= 64 * 128 or wide else 4
-        extra = dict(maxnreg=128) if dtype == torch.float32 else {}
+        extra = dict(maxnreg=192) if dtype == torch.float32 else {}  # FMA dots: see the split below
         return {"variant": "window", "windows_per_program": pack, "launches": {"window": dict(
             common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=1, **extra)}}
     extra = {}

@@ -168,13 +168,14 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
     at once (``ONE_KV_BLOCK``). Larger windows and global attention run the flash loop over 64-query tiles (128 for
     long, compute-bound sequences such as video's 1568-token stage 3) and 64-key blocks (32 for head dims > 64).
     fp32 (3xTF32 dots, fp32-accurate on tensor cores) and fp64 (IEEE, fp64 accumulation) use 16x16 tiles and
-    8 warps, the spill-free choice up to head dim 256. Warps and block sizes were picked from the compile lane's
+    8 warps, the spill-free choice up to head dim 256, and the fp16 tiling (64) for head dims <= 16, where it is
+    spill-free too (fewer, fuller programs: what keeps the interpreter lane's tiny models fast). Warps and block sizes were picked from the compile lane's
     register / spill table (tests/test_kernels_compile.py), not from timings.
     """
     T, T_out = tokens_per_window, tokens_per_window // q_stride
     block_d = max(16, next_power_of_2(head_dim))
     wide = dtype in (torch.float32, torch.float64)
-    tile = 16 if wide else 64
+    tile = (64 if block_d <= 16 else 16) if wide else 64
     if T <= tile:  # windowed: pack small windows
         wp = max(1, min(num_windows, max(triton.cdiv(16, T_out), tile // T)))
         block_m = min(tile, max(16, next_power_of_2(wp * T_out)))

@@ -115,7 +115,8 @@ def test_fp32_matches_float64_autograd(geom):
 @needs_triton
 @pytest.mark.parametrize("geom", [g for g, _ in _WINDOWED], ids=[i for _, i in _WINDOWED])
 def test_fp32_window_kernel_where_fp16_uses_it(geom, monkeypatch):
-    """fp32 picks the split beyond 16 keys; run the window kernel (fp16's choice) at fp32 precision too."""
+    """fp32 picks the split beyond 16 keys (64 for head dims <= 16); run the window kernel (fp16's choice) at fp32
+    precision too."""
     B, H, hd, nw, T, s = geom
     ab = _bwd()
     cfg16 = ab.attention_backward_config(hd, T, s, nw, torch.float16)
@@ -140,11 +141,12 @@ def test_half_within_twice_eager_error(geom, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("geom", [(2, 1, 32, 3, 16, 4), (1, 2, 16, 1, 64, 8), (1, 1, 24, 2, 64, 2)],
-                         ids=["window", "split", "split-s2"])
-def test_ties_route_to_lowest_candidate_like_torch(geom):
+@pytest.mark.parametrize("geom, variant", [((1, 2, 16, 2, 64, 4), "window"), ((2, 1, 32, 3, 16, 4), "split"),
+                                           ((1, 1, 24, 2, 64, 2), "split")], ids=["window", "split", "split-s2"])
+def test_ties_route_to_lowest_candidate_like_torch(geom, variant):
     """Integer-valued q makes many exact ties among the candidates; the CPU's max backward gives the lowest j."""
     B, H, hd, nw, T, s = geom
+    assert _bwd().attention_backward_config(hd, T, s, nw, torch.float32)["variant"] == variant
     qkv, g = _randn(B, nw * T, 3 * H * hd), _randn(B, nw * T // s, H * hd)
     qkv[..., : H * hd] = torch.randint(-1, 2, (B, nw * T, H * hd)).to(qkv)  # q in {-1, 0, 1}
     got = _run(qkv, g, H, s, nw)
@@ -178,8 +180,9 @@ def test_strided_inputs_deterministic_and_fully_written(geom):
 
 
 @needs_triton
-@pytest.mark.parametrize("H, s, nw, T, fast", [(2, 2, 3, 8, True), (1, 1, 2, 8, False)], ids=["split", "window"])
-def test_gradcheck_float64(H, s, nw, T, fast):
+@pytest.mark.parametrize("H, s, nw, T, hd, fast", [(2, 2, 3, 8, 20, True), (1, 1, 2, 8, 4, False)],
+                         ids=["split", "window"])
+def test_gradcheck_float64(H, s, nw, T, hd, fast):
     """Our backward is the derivative of the float64 torch forward (``out`` and ``lse`` from torch)."""
     ab = _bwd()
 
@@ -195,8 +198,8 @@ def test_gradcheck_float64(H, s, nw, T, fast):
             qkv, out, lse = ctx.saved_tensors
             return ab.mask_unit_attention_backward(grad_out, qkv, out, lse, H, s, nw)
 
-    assert ab.attention_backward_config(4, T, s, nw, torch.float64)["variant"] == ("split" if fast else "window")
-    qkv = _randn(1, nw * T, 3 * H * 4, dtype=torch.float64).requires_grad_(True)
+    assert ab.attention_backward_config(hd, T, s, nw, torch.float64)["variant"] == ("split" if fast else "window")
+    qkv = _randn(1, nw * T, 3 * H * hd, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(Attention.apply, (qkv,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
 
 
@@ -215,8 +218,9 @@ def _compile_plan() -> list[tuple]:
     dim 128: beyond it the fp64 kernels spill (fp64 is a test dtype)."""
     plan = [(torch.float16, hd, g) for hd in (16, 32, 56, 64, 96, 128, 256) for g in COMPILE_GEOMETRIES]
     plan += [(torch.bfloat16, hd, g) for hd in (56, 96) for g in COMPILE_GEOMETRIES]
-    plan += [(dt, hd, g) for dt, hds in ((torch.float32, (64, 72, 256)), (torch.float64, (64, 96))) for hd in hds
-             for g in [(16, 1, 49), (196, 1, 1), (196, 4, 1)]]
+    plan += [(dt, hd, g) for dt, hds in ((torch.float32, (16, 64, 72, 256)), (torch.float64, (16, 64, 96)))
+             for hd in hds for g in [(16, 1, 49), (196, 1, 1), (196, 4, 1)]]
+    plan += [(dt, 16, g) for dt in (torch.float32, torch.float64) for g in [(64, 1, 49), (16, 4, 49)]]  # 64-tiles
     return plan
 
 

@@ -46,6 +46,7 @@ def _attention_variants() -> list[dict]:
     plan += [(torch.float16, 256, g) for g in THREE + [(8, 8, 19)]]
     plan += [(torch.bfloat16, 96, g) for g in [(64, 1, 49), (16, 1, 49), (196, 1, 1)]]
     plan += [(dt, hd, g) for dt in (torch.float32, torch.float64) for hd in (96, 256) for g in THREE[1:]]
+    plan += [(dt, 16, g) for dt in (torch.float32, torch.float64) for g in THREE]  # head dims <= 16: 64-tiles
     seen, out = set(), []
     for dtype, hd, (T, s, nw) in plan:
         cfg = attention_forward_config(hd, T, s, nw, dtype)
