@@ -270,10 +270,11 @@ def attention_backward_config(head_dim: int, tokens_per_window: int, q_stride: i
     Returns ``{"variant": "window" | "split", "windows_per_program": int, "launches": {kernel: {constexprs...,
     "num_warps", "num_stages"[, "maxnreg"]}}}``, kernels named as in :data:`KERNELS`, in launch order. The window
     variant while the packed keys fit one tile: 64 keys for fp16/bf16 up to head dim 128, 32 beyond; 16 for
-    fp32/fp64 (64 for head dims <= 16: spill-free there, and far fewer programs under the interpreter). Windows are packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the
-    tile (4/16 and 16/16 windows: 4 per program, 64x64 scores). Otherwise the split. Tiles, warps and register
-    budgets are the ones the compile lane shows spill-free on sm_80/sm_90 (fp64 spills beyond head dim 128). fp32
-    and fp64 dots run in IEEE precision (fp32 on FMA units: fp32-exact, slow; fp64 on DMMA)."""
+    fp32/fp64 (64 for head dims <= 16: spill-free there, and far fewer programs under the interpreter). Windows are
+    packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the tile (4/16 and 16/16
+    windows: 4 per program, 64x64 scores). Otherwise the split. Tiles, warps and register budgets are the ones the
+    compile lane shows spill-free on sm_80/sm_90 (fp64 spills beyond head dim 128). fp32 and fp64 dots run in IEEE
+    precision (fp32 on FMA units: fp32-exact, slow; fp64 on DMMA)."""
     T, T_out = tokens_per_window, tokens_per_window // q_stride
     block_d = max(16, next_power_of_2(head_dim))
     wide = dtype in (torch.float32, torch.float64)

@@ -169,8 +169,9 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
     long, compute-bound sequences such as video's 1568-token stage 3) and 64-key blocks (32 for head dims > 64).
     fp32 (3xTF32 dots, fp32-accurate on tensor cores) and fp64 (IEEE, fp64 accumulation) use 16x16 tiles and
     8 warps, the spill-free choice up to head dim 256, and the fp16 tiling (64) for head dims <= 16, where it is
-    spill-free too (fewer, fuller programs: what keeps the interpreter lane's tiny models fast). Warps and block sizes were picked from the compile lane's
-    register / spill table (tests/test_kernels_compile.py), not from timings.
+    spill-free too (fewer, fuller programs: what keeps the interpreter lane's tiny models fast). Warps and block
+    sizes were picked from the compile lane's register / spill table (tests/test_kernels_compile.py), not from
+    timings.
     """
     T, T_out = tokens_per_window, tokens_per_window // q_stride
     block_d = max(16, next_power_of_2(head_dim))

@@ -3,6 +3,7 @@ error or a wrong answer), and every Triton launch runs on the tensors' own CUDA 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import pytest
@@ -32,17 +33,21 @@ def _grad_vs_float64(qkv: torch.Tensor, heads: int, q_stride: int, window_size: 
     return out, d_x, ref, d_ref
 
 
+def _assert_fp32_close(out, d_x, ref, d_ref):
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (d_x.double() - d_ref).abs().max().item() <= 1e-5 * d_ref.abs().max().item()
+
+
 @needs_triton
 def test_head_dim_past_kernel_limit_runs_eager_with_warning(device, fresh_warnings):
     heads, hd = 2, ops.MAX_FUSED_HEAD_DIM + 64
     qkv = torch.randn(2, 16 * 2, 3 * heads * hd, device=device)
     before = ops.kernel_launches.copy()
     with pytest.warns(RuntimeWarning, match=f"head_dim {hd} > 256"):
-        out, d_x, ref, d_ref = _grad_vs_float64(qkv, heads, 2, 8, True)
+        results = _grad_vs_float64(qkv, heads, 2, 8, True)
     launched = ops.kernel_launches - before
     assert launched["mask_unit_attention_fwd"] == 0 and launched["mask_unit_attention_bwd"] == 0
-    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert (d_x.double() - d_ref).abs().max().item() <= 1e-5 * d_ref.abs().max().item()
+    _assert_fp32_close(*results)
 
 
 @needs_triton
@@ -50,11 +55,10 @@ def test_largest_fused_head_dim_launches_the_kernels(device, fresh_warnings):
     heads, hd = 1, ops.MAX_FUSED_HEAD_DIM
     qkv = torch.randn(1, 16, 3 * heads * hd, device=device)
     before = ops.kernel_launches.copy()
-    out, d_x, ref, d_ref = _grad_vs_float64(qkv, heads, 1, 16, True)
+    results = _grad_vs_float64(qkv, heads, 1, 16, True)
     launched = ops.kernel_launches - before
     assert launched["mask_unit_attention_fwd"] == 1 and launched["mask_unit_attention_bwd"] == 1
-    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert (d_x.double() - d_ref).abs().max().item() <= 1e-5 * d_ref.abs().max().item()
+    _assert_fp32_close(*results)
 
 
 @needs_triton
@@ -63,12 +67,11 @@ def test_batch_past_grid_limit_runs_eager_with_warning(device, fresh_warnings):
     qkv = torch.randn(B, 4, 6, device=device)
     before = ops.kernel_launches.copy()
     with pytest.warns(RuntimeWarning, match=f"batch {B} > 65535"):
-        out, d_x, ref, d_ref = _grad_vs_float64(qkv, 1, 2, 0, False)
+        results = _grad_vs_float64(qkv, 1, 2, 0, False)
         pooled = ops.unrolled_max_pool(qkv, 2, fused=True)
     launched = ops.kernel_launches - before
     assert sum(launched.values()) == 0
-    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert (d_x.double() - d_ref).abs().max().item() <= 1e-5 * d_ref.abs().max().item()
+    _assert_fp32_close(*results)
     assert torch.equal(pooled, reference.unrolled_max_pool_eager(qkv, 2))
 
 
@@ -95,8 +98,9 @@ def test_launch_runs_on_the_tensors_cuda_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", fake_device_guard)
     monkeypatch.setattr(ops, "_kernel_module", lambda name: FakeKernels)
+    monkeypatch.setattr(ops, "kernel_launches", collections.Counter())
     assert ops._launch("test_op", "any", "launcher", torch.device("cuda", 1), 41) == 42
-    assert entered == [torch.device("cuda", 1)]
+    assert entered == [torch.device("cuda", 1)] and ops.kernel_launches["test_op"] == 1
     assert ops._launch("test_op", "any", "launcher", torch.device("cpu"), 1) == 2  # no guard on a CPU
     assert entered == [torch.device("cuda", 1)]
 
@@ -107,5 +111,4 @@ def test_fused_on_second_gpu_while_first_is_current():
     qkv = torch.randn(2, 64 * 4, 3 * 2 * 32, device="cuda:1")
     out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, 4, 16, True)
     assert out.device == d_x.device == torch.device("cuda", 1)
-    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert (d_x.double() - d_ref).abs().max().item() <= 1e-5 * d_ref.abs().max().item()
+    _assert_fp32_close(out, d_x, ref, d_ref)
