@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks and measurements in one command, sized to fit one device call (~8 minutes of an
+# One GPU session's checks and measurements in one command, sized to fit one device call (~9 minutes of an
 # H100/H200 after the machine starts): GPU parity tests (bf16 included, CUDA graphs), the bf16 op benchmark
 # (fused vs eager 4-D SDPA vs the official 5-D call), the Hiera-B MAE training step (eager / fused /
 # fused + CUDA graphs / official / hiera-optim), Hiera-B inference at batch 256, and the markdown report.
