@@ -35,45 +35,73 @@ _warned: set[tuple[str, str]] = set()  # (op, reason) pairs already warned about
 
 
 # ---------------------------------------------------------------------------------------------- backend choice
+_KERNEL_MODULES = ("attention_fwd", "attention_bwd", "max_pool")
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel_module(name: str):
-    """Import ``hiera_fast.kernels.<name>``; None if Triton or that module is not available."""
+def _kernel_modules() -> dict | None:
+    """Import every ``hiera_fast.kernels`` module at once (so all are defined under the same ``TRITON_INTERPRET``);
+    None if Triton or a module is not available."""
     try:
-        return importlib.import_module(f"hiera_fast.kernels.{name}")
+        return {name: importlib.import_module(f"hiera_fast.kernels.{name}") for name in _KERNEL_MODULES}
     except ImportError:
         return None
+
+
+def _kernel_module(name: str):
+    modules = _kernel_modules()
+    return None if modules is None else modules[name]
 
 
 def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def kernels_interpreted() -> bool | None:
+    """Whether the kernels, once imported, were *defined* under Triton's interpreter (``@triton.jit`` reads
+    ``TRITON_INTERPRET`` when it decorates, so this, not the current environment, decides where they can run); None
+    if no kernel module is imported yet. Does not import anything."""
+    import sys
+
+    for name in _KERNEL_MODULES:
+        module = sys.modules.get(f"hiera_fast.kernels.{name}")
+        for value in vars(module).values() if module is not None else ():
+            kind = type(value).__name__
+            if kind in ("InterpretedFunction", "JITFunction"):
+                return kind == "InterpretedFunction"
+    return None
+
+
 def fused_backend(device: torch.device | str) -> tuple[str, str]:
     """``(backend, reason)`` that ``fused=True`` uses for tensors on ``device``: "triton", "triton-interpreter" or
-    "eager"."""
+    "eager". Imports the kernels if they are not imported yet (with the current ``TRITON_INTERPRET``)."""
     device = torch.device(device)
-    if _kernel_module("attention_fwd") is None:
+    if _kernel_modules() is None:
         return "eager", "Triton (or the hiera_fast.kernels modules) could not be imported"
+    interpreted = kernels_interpreted()
     if device.type == "cuda":
-        if _interpreter_on():
-            return "eager", "TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA in this process"
+        if interpreted:
+            return "eager", ("the kernels were defined under TRITON_INTERPRET=1 (Triton's interpreter), which cannot "
+                             "launch them on CUDA: unset it before hiera_fast's kernels are imported")
         return "triton", "CUDA tensor: the Triton kernels run on the GPU"
     if device.type == "cpu":
-        if _interpreter_on():
+        if interpreted:
             return "triton-interpreter", "CPU tensor and TRITON_INTERPRET=1: Triton's interpreter runs the kernels"
-        return "eager", "CPU tensor without TRITON_INTERPRET=1: the Triton kernels need CUDA (or the interpreter)"
+        when = "was set after" if _interpreter_on() else "was not set when"
+        return "eager", (f"CPU tensor: the Triton kernels need CUDA, or Triton's interpreter, and TRITON_INTERPRET=1 "
+                         f"{when} hiera_fast's kernels were imported")
     return "eager", f"no Triton kernels for device type {device.type!r}"
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_for(device_type: str, interpreter: bool) -> tuple[str, str]:
-    return fused_backend(device_type)
+def _backend_for(device_type: str) -> tuple[str, str]:
+    return fused_backend(device_type)  # fixed once the kernels are imported: cached
 
 
 def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -> bool:
     """Whether ``op`` runs the Triton kernels on ``device``; ``unsupported`` is a shape the kernels do not take (see
     :func:`_kernel_shape_limit`). Warns once per op and reason when it falls back to the eager path."""
-    backend, reason = _backend_for(device.type, _interpreter_on())  # cached: this runs on every fused call
+    backend, reason = _backend_for(device.type)  # cached: this runs on every fused call
     if backend != "eager" and unsupported:
         backend, reason = "eager", unsupported
     if backend == "eager" and (op, reason) not in _warned:
@@ -83,8 +111,16 @@ def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -
 
 
 MAX_FUSED_HEAD_DIM = 256
-_MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes y and z, where the kernels put the batch
+_MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes y and z, where the kernels put the batch (and heads * windows)
 _MAX_ROW_OFFSET = 2**31  # offsets inside one batch element are 32-bit in the kernels
+
+
+def _batch_element_extent(t: torch.Tensor) -> int:
+    """Elements that 32-bit offsets inside one batch element of ``t [B, ...]`` must reach: through its strides, and
+    in the contiguous outputs / gradients of its shape that the kernels write."""
+    if t.numel() == 0:
+        return 0
+    return max(1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])), t[0].numel())
 
 
 def _kernel_shape_limit(x: torch.Tensor, head_dim: int | None = None) -> str | None:
@@ -94,10 +130,12 @@ def _kernel_shape_limit(x: torch.Tensor, head_dim: int | None = None) -> str | N
     B, N, C = x.shape
     if head_dim is not None and head_dim > MAX_FUSED_HEAD_DIM:
         return f"head_dim {head_dim} > {MAX_FUSED_HEAD_DIM}, the largest the Triton kernels take"
-    if B > _MAX_GRID_BATCH:
-        return f"batch {B} > {_MAX_GRID_BATCH}, the largest one kernel launch takes"
-    if N * C >= _MAX_ROW_OFFSET:
-        return f"one batch element holds {N * C} >= 2**31 elements (32-bit offsets inside a batch element)"
+    if B > _MAX_GRID_AXIS:
+        return f"batch {B} > {_MAX_GRID_AXIS}, the largest one kernel launch takes"
+    extent = _batch_element_extent(x)
+    if extent >= _MAX_ROW_OFFSET:
+        return (f"one batch element spans {extent} >= 2**31 elements through its strides (32-bit offsets inside a "
+                f"batch element)")
     return None
 
 
@@ -114,10 +152,13 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, q_stride: int, window_size: int
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     B, N, three_c = qkv.shape
-    if three_c % 3 or (three_c // 3) % num_heads:
-        raise ValueError(f"qkv's last dim ({three_c}) must be 3 * dim with dim divisible by num_heads ({num_heads})")
+    if three_c == 0 or three_c % 3 or (three_c // 3) % num_heads:
+        raise ValueError(f"qkv's last dim ({three_c}) must be 3 * dim with dim > 0 divisible by num_heads "
+                         f"({num_heads})")
+    if N == 0:
+        raise ValueError(f"qkv must hold at least one token, got shape {tuple(qkv.shape)}")
     if use_mask_unit_attn:
-        if not isinstance(window_size, int) or window_size < 1:
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
             raise ValueError(f"window_size must be a positive int for mask-unit attention, got {window_size!r}")
         if N % (q_stride * window_size):
             raise ValueError(f"qkv's token count N={N} must be divisible by q_stride * window_size = "
@@ -153,6 +194,27 @@ def _launch(op: str, module: str, launcher: str, device: torch.device, *args, **
         return getattr(_kernel_module(module), launcher)(*args, **kwargs)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _autocast_input(qkv: torch.Tensor) -> torch.Tensor:
+    """Under ``torch.autocast`` the attention runs in the autocast dtype, as SDPA does there (fp32 / fp16 / bf16 inputs
+    are cast; fp64 is not). Casting before the max-pool is exact: rounding is monotonic, so it commutes with max."""
+    device_type = qkv.device.type
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type) and qkv.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        if qkv.dtype != dtype:
+            return qkv.to(dtype)
+    return qkv
+
+
+def _no_autocast(device: torch.device):
+    """The custom ops' bodies compute in their inputs' dtype (what the fake impls promise), autocast or not."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """Kernels read any batch/row strides but need a unit stride on the channel dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -168,16 +230,20 @@ def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows
     backend leaves it unfilled (its backward recomputes instead). Without it (inference) ``lse`` is empty. The
     shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache) stays valid whichever
     backend runs it."""
-    if _use_triton(qkv.device, "mask_unit_attention", _attention_shape_limit(qkv, num_heads)):
+    if _use_triton(qkv.device, "mask_unit_attention", _attention_shape_limit(qkv, num_heads, num_windows)):
         result = _launch("mask_unit_attention_fwd", "attention_fwd", "mask_unit_attention_forward", qkv.device,
                          _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
         return result if with_lse else (result, qkv.new_empty(0, dtype=torch.float32))
-    out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
+    with _no_autocast(qkv.device):
+        out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     return out, _lse_like(qkv, num_heads, q_stride, with_lse)
 
 
-def _attention_shape_limit(qkv: torch.Tensor, num_heads: int) -> str | None:
+def _attention_shape_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) -> str | None:
     """The forward and the backward fall back together (the eager forward leaves no lse for the kernel)."""
+    if num_heads * num_windows > _MAX_GRID_AXIS:
+        return (f"num_heads * windows = {num_heads} * {num_windows} > {_MAX_GRID_AXIS}, the backward kernels' grid "
+                f"limit")
     return _kernel_shape_limit(qkv, qkv.shape[-1] // (3 * num_heads))
 
 
@@ -197,12 +263,15 @@ def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                    num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
     """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
     eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
-    unsupported = _attention_shape_limit(qkv, num_heads)  # the forward's choice, so its lse is there
+    unsupported = _attention_shape_limit(qkv, num_heads, num_windows)  # the forward's choice, so its lse is there
     if _kernel_module("attention_bwd") is not None and _use_triton(qkv.device, "mask_unit_attention backward",
                                                                   unsupported):
+        if _batch_element_extent(grad_out) >= _MAX_ROW_OFFSET:  # a strided view of a huge tensor: 32-bit offsets
+            grad_out = grad_out.contiguous()
         return _launch("mask_unit_attention_bwd", "attention_bwd", "mask_unit_attention_backward", qkv.device,
                        grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
-    return reference.mask_unit_attention_backward_eager(grad_out, qkv, num_heads, q_stride, num_windows)
+    with _no_autocast(qkv.device):
+        return reference.mask_unit_attention_backward_eager(grad_out, qkv, num_heads, q_stride, num_windows)
 
 
 @_attention_bwd.register_fake
@@ -244,9 +313,11 @@ def mask_unit_attention(
         fused: run the Triton kernels (see the module docstring for the backend choice).
 
     Returns:
-        ``[B, N // q_stride, dim]`` in unrolled order (row ``r * num_windows + w``), before the output projection.
+        ``[B, N // q_stride, dim]`` in unrolled order (row ``r * num_windows + w``), before the output projection,
+        in qkv's dtype; under ``torch.autocast`` in the autocast dtype (as SDPA), fused or not.
     """
     num_windows = check_qkv(qkv, num_heads, q_stride, window_size, use_mask_unit_attn)
+    qkv = _autocast_input(qkv)
     if not fused:
         return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     with_lse = torch.is_grad_enabled() and qkv.requires_grad  # the backward kernel needs it; inference does not

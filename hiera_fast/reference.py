@@ -24,14 +24,15 @@ def mask_unit_attention_official(qkv: torch.Tensor, num_heads: int, q_stride: in
     C = three_c // 3
     head_dim = C // num_heads
     # [B, T, nw, 3, H, hd] -> [3, B, H, nw, T, hd]
-    qkv = qkv.reshape(B, -1, num_windows, 3, num_heads, head_dim).permute(3, 0, 4, 2, 1, 5)
+    T = N // num_windows
+    qkv = qkv.reshape(B, T, num_windows, 3, num_heads, head_dim).permute(3, 0, 4, 2, 1, 5)
     q, k, v = qkv[0], qkv[1], qkv[2]
     if q_stride > 1:
         # [B, H, nw, s, T // s, hd] -> max over s
-        q = q.reshape(B, num_heads, num_windows, q_stride, -1, head_dim).max(dim=3).values
+        q = q.reshape(B, num_heads, num_windows, q_stride, T // q_stride, head_dim).max(dim=3).values
     attn = (q * head_dim**-0.5) @ k.transpose(-1, -2)
     x = attn.softmax(dim=-1) @ v  # [B, H, nw, T', hd]
-    return x.transpose(1, 3).reshape(B, -1, C)  # [B, T' * nw, C]
+    return x.transpose(1, 3).reshape(B, N // q_stride, C)  # [B, T' * nw, C]
 
 
 def mask_unit_attention_eager(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
@@ -53,7 +54,8 @@ def mask_unit_attention_eager(qkv: torch.Tensor, num_heads: int, q_stride: int, 
         q = q.reshape(B * num_windows, num_heads, q_stride, T // q_stride, head_dim).max(dim=2).values
     x = F.scaled_dot_product_attention(q, k, v)  # [B * nw, H, T', hd]
     # [B, nw, H, T', hd] -> [B, T', nw, H, hd] -> [B, T' * nw, C]
-    return x.reshape(B, num_windows, num_heads, -1, head_dim).permute(0, 3, 1, 2, 4).reshape(B, -1, C)
+    x = x.reshape(B, num_windows, num_heads, T // q_stride, head_dim).permute(0, 3, 1, 2, 4)
+    return x.reshape(B, N // q_stride, C)
 
 
 def unrolled_max_pool_eager(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -64,13 +66,15 @@ def unrolled_max_pool_eager(x: torch.Tensor, stride: int) -> torch.Tensor:
     """
     if stride == 1:
         return x
-    return x.reshape(x.shape[0], stride, -1, x.shape[-1]).max(dim=1).values
+    B, N, C = x.shape
+    return x.reshape(B, stride, N // stride, C).max(dim=1).values
 
 
 def _windows_4d(t: torch.Tensor, B: int, num_windows: int, num_heads: int, head_dim: int) -> torch.Tensor:
     """Unrolled ``[B, T * nw, H * hd]`` → contiguous windows ``[B * nw, H, T, hd]``."""
     T = t.shape[1] // num_windows
-    return t.reshape(B, T, num_windows, num_heads, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, num_heads, T, head_dim)
+    t = t.reshape(B, T, num_windows, num_heads, head_dim).permute(0, 2, 3, 1, 4)
+    return t.reshape(B * num_windows, num_heads, T, head_dim)
 
 
 def mask_unit_attention_backward_eager(

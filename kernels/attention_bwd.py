@@ -9,9 +9,10 @@ Pooled query ``r`` of window ``w`` is the max over ``j < q_stride`` of q row ``(
     dS = P * (dP - D)                  dQp = scale * dS K      dK = scale * dS^T Qp
 
 and route ``dQp`` through the max-pool per element (row ``r``, channel ``d``) to the candidate ``j`` that holds the
-max; on ties the LOWEST ``j`` wins (what ``torch.max(dim).values`` backward does on CPU, checked in the tests;
-CUDA's ``torch.max`` does not document which index it picks); every other candidate gets 0. ``d_qkv`` is written
-whole, in ``qkv``'s unrolled layout, so the qkv Linear's backward consumes it as is.
+max; on ties the LOWEST ``j`` wins, and the first NaN candidate beats every number (what ``torch.max(dim).values``
+backward does on CPU, checked in the tests; CUDA's ``torch.max`` does not document which index it picks); every
+other candidate gets 0. ``d_qkv`` is written whole, in ``qkv``'s unrolled layout, so the qkv Linear's backward
+consumes it as is.
 
 Two variants, chosen by :func:`attention_backward_config` from the tile a window needs:
 
@@ -63,12 +64,13 @@ def _store_rows(X, stride_n, rows, valid, cols, mask_c, x):
 def _pooled_query(Q, stride_n, r, w, valid, d, mask_d, tokens_out, num_windows, q_stride):
     """Max over the ``q_stride`` candidates of pooled queries ``r`` of windows ``w`` → ``(q [M, D], arg [M, D])``.
 
-    ``arg`` is the winning candidate per element; strict ``>`` keeps the lowest ``j`` on ties. Padding is 0."""
+    ``arg`` is the winning candidate per element: the first NaN if there is one (the forward's max propagates NaN),
+    else the lowest ``j`` among equal maxima (strict ``>``). Padding is 0."""
     q = _load_rows(Q, stride_n, 1, pooled_query_row(r, 0, w, tokens_out, num_windows), valid, d, mask_d)
     arg = tl.zeros(q.shape, dtype=tl.int32)
     for j in range(1, q_stride):
         cand = _load_rows(Q, stride_n, 1, pooled_query_row(r, j, w, tokens_out, num_windows), valid, d, mask_d)
-        better = cand > q
+        better = (cand > q) | ((cand != cand) & (q == q))
         q = tl.where(better, cand, q)
         arg = tl.where(better, j, arg)
     return q, arg
@@ -271,10 +273,10 @@ def attention_backward_config(head_dim: int, tokens_per_window: int, q_stride: i
     "num_warps", "num_stages"[, "maxnreg"]}}}``, kernels named as in :data:`KERNELS`, in launch order. The window
     variant while the packed keys fit one tile: 64 keys for fp16/bf16 up to head dim 128, 32 beyond; 16 for
     fp32/fp64 (64 for head dims <= 16: spill-free there, and far fewer programs under the interpreter). Windows are
-    packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the tile (4/16 and 16/16
-    windows: 4 per program, 64x64 scores). Otherwise the split. Tiles, warps and register budgets are the ones the
-    compile lane shows spill-free on sm_80/sm_90 (fp64 spills beyond head dim 128). fp32 and fp64 dots run in IEEE
-    precision (fp32 on FMA units: fp32-exact, slow; fp64 on DMMA)."""
+    packed until the query tile has 16 rows (``tl.dot``'s minimum) and while the keys fit the tile (fp16/bf16: 4/16
+    windows 4 per program, 16x64 scores; 16/16 windows 4 per program, 64x64). Otherwise the split. Tiles, warps and
+    register budgets are the ones the compile lane shows spill-free on sm_80/sm_90 (fp64 spills beyond head dim 128).
+    fp32 and fp64 dots run in IEEE precision (fp32 on FMA units: fp32-exact, slow; fp64 on DMMA)."""
     T, T_out = tokens_per_window, tokens_per_window // q_stride
     block_d = max(16, next_power_of_2(head_dim))
     wide = dtype in (torch.float32, torch.float64)

@@ -84,7 +84,7 @@ def _mask_unit_attn_fwd_kernel(
     QKV, Out, Lse,
     stride_qkv_b, stride_qkv_n,
     num_heads, num_windows, tokens_per_window, windows_per_program, num_q_blocks,
-    HEAD_DIM: tl.constexpr, Q_STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_STRIDE: tl.constexpr, Q_CANDIDATES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PACKED: tl.constexpr, ONE_KV_BLOCK: tl.constexpr, STORE_LSE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -118,7 +118,8 @@ def _mask_unit_attn_fwd_kernel(
         k_t, v, k_win, col_ok = _load_kv_block(qkv_bh, lo, hi, w0, T, num_windows, stride_qkv_n, C,
                                              BLOCK_N, BLOCK_D, HEAD_DIM, PACKED)
 
-    # pooled queries: one [Q_STRIDE, BLOCK_M, BLOCK_D] load of all candidates, max over the first axis (exact)
+    # pooled queries: one [Q_CANDIDATES, BLOCK_M, BLOCK_D] load of all candidates, max over the first axis (exact);
+    # Q_CANDIDATES is Q_STRIDE rounded up to a power of two (tl.arange's rule), the extra slots repeat the last one
     i = i_lo + tl.arange(0, BLOCK_M)
     if PACKED:
         q_win, r = packed_window_token(i, T_out)
@@ -126,7 +127,10 @@ def _mask_unit_attn_fwd_kernel(
         q_win = tl.zeros_like(i)
         r = i
     row_ok = i < n_rows
-    cand = tl.arange(0, Q_STRIDE)[:, None]
+    if Q_CANDIDATES == Q_STRIDE:
+        cand = tl.arange(0, Q_CANDIDATES)[:, None]
+    else:
+        cand = tl.minimum(tl.arange(0, Q_CANDIDATES), Q_STRIDE - 1)[:, None]
     q_rows = pooled_query_row(r[None, :], cand, w0 + q_win[None, :], T_out, num_windows).to(tl.int64)  # [S, M]
     d3 = tl.arange(0, BLOCK_D)[None, None, :]
     q_mask = row_ok[None, :, None] & (d3 < HEAD_DIM)  # broadcast over the candidates
@@ -191,7 +195,8 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
         block_n = 32  # K and V are double-buffered in the loop: keep registers and shared memory in bounds
     big = block_m * block_d >= (64 * 128 if one_kv_block else 64 * 64)
     return {
-        "HEAD_DIM": head_dim, "Q_STRIDE": q_stride, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+        "HEAD_DIM": head_dim, "Q_STRIDE": q_stride, "Q_CANDIDATES": next_power_of_2(q_stride),
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
         "PACKED": wp > 1, "ONE_KV_BLOCK": one_kv_block,
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
         "DOT_PRECISION": {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32"),
@@ -224,6 +229,8 @@ def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int
     out = torch.empty(B, n_out, C, device=qkv.device, dtype=qkv.dtype) if out is None else out
     shape = (B, num_heads, n_out) if return_lse else (1,)
     lse = torch.empty(shape, device=qkv.device, dtype=torch.float32) if lse_out is None else lse_out
+    if out.numel() == 0:  # an empty batch: nothing to launch (CUDA rejects a grid axis of 0)
+        return (out, lse) if return_lse else out
     num_q_blocks = triton.cdiv(wp * (T // q_stride), cfg["BLOCK_M"])
     grid = (num_heads * num_q_blocks * triton.cdiv(num_windows, wp), B)
     _mask_unit_attn_fwd_kernel[grid](

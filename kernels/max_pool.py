@@ -74,17 +74,19 @@ def _unrolled_max_pool_bwd_kernel(
 
 
 def max_pool_config(channels: int, stride: int) -> dict:
-    """Tile: up to 128 channels (vectorised along C) and ~4096 loaded elements per program over all candidates."""
+    """Tile: up to 128 channels (vectorised along C) and up to 4096 loaded elements per program over all candidates
+    (rows: a power of two, ``tl.arange``'s rule; any stride)."""
     block_c = min(128, max(16, next_power_of_2(channels)))
-    return {"STRIDE": stride, "BLOCK_C": block_c, "BLOCK_R": max(1, 4096 // (block_c * stride)), "num_warps": 4}
+    rows = max(1, 4096 // (block_c * stride))
+    return {"STRIDE": stride, "BLOCK_C": block_c, "BLOCK_R": 1 << (rows.bit_length() - 1), "num_warps": 4}
 
 
 def max_pool_variants() -> list[dict]:
-    """Every (constexpr, dtype) combination the launchers pick for the compile lane: strides 1/2/4/8, channel
-    tiles 16..128, contiguous and strided grads."""
+    """Every (constexpr, dtype) combination the launchers pick for the compile lane: strides 1/2/4/8 (and 3, not a
+    power of two), channel tiles 16..128, contiguous and strided grads."""
     out = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for stride in (1, 2, 4, 8) if dtype == torch.float16 else (4,):
+        for stride in (1, 2, 3, 4, 8) if dtype == torch.float16 else (4,):
             for channels in (96, 24) if dtype == torch.float16 else (96,):
                 for contiguous in (True, False):
                     out.append({**max_pool_config(channels, stride), "GRAD_C_CONTIGUOUS": contiguous, "dtype": dtype})
@@ -105,6 +107,8 @@ def unrolled_max_pool_forward(x: torch.Tensor, stride: int) -> torch.Tensor:
     x, cfg, num_warps, grid = _launch_shape(x, stride)
     B, N, C = x.shape
     out = torch.empty(B, N // stride, C, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:  # nothing to launch (CUDA rejects a grid axis of 0)
+        return out
     _unrolled_max_pool_fwd_kernel[grid](x, out, x.stride(0), x.stride(1), N // stride, C, num_warps=num_warps, **cfg)
     return out
 
@@ -115,6 +119,8 @@ def unrolled_max_pool_backward(grad_out: torch.Tensor, x: torch.Tensor, stride: 
     x, cfg, num_warps, grid = _launch_shape(x, stride)
     B, N, C = x.shape
     grad_x = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
+    if grad_x.numel() == 0:
+        return grad_x
     _unrolled_max_pool_bwd_kernel[grid](
         x, grad_out, grad_x, x.stride(0), x.stride(1), *grad_out.stride(), N // stride, C,
         GRAD_C_CONTIGUOUS=grad_out.stride(2) == 1, num_warps=num_warps, **cfg,

@@ -57,13 +57,16 @@ ATTENTION_CASES = [
     AttnCase(1, 4, 128, 2, 1, 56, "big-windows-loop"),
     AttnCase(1, 1, 1, 1, 1, 16, "single-token"),
     AttnCase(1, 2, 64, 1, 1, 256, "hd256"),
+    AttnCase(1, 4, 18, 3, 1, 24, "qstride3"),  # a query stride that is not a power of two (query_stride (3, 1))
+    AttnCase(1, 1, 54, 9, 1, 16, "global-qstride9"),
 ]
 VIDEO_CASES = [
     AttnCase(1, 1, 1568, 4, 1, 64, "video-stage4pool-392/1568"),
     AttnCase(1, 1, 600, 1, 1, 40, "long-global-600"),  # >= 512 queries: the 128-row tile of video's stage 3
 ]
 VIDEO_CASES_GPU = [AttnCase(2, 1, 1568, 1, 2, 96, "video-stage3-1568/1568")]  # ~40 s in the interpreter: GPU only
-MAX_POOL_CASES = [(1, 64, 96, 4), (3, 8 * 50, 40, 8), (2, 36, 200, 2), (1, 16, 24, 1)]  # (B, N, C, stride)
+# (B, N, C, stride); stride 3 is not a power of two
+MAX_POOL_CASES = [(1, 64, 96, 4), (3, 8 * 50, 40, 8), (2, 36, 200, 2), (1, 16, 24, 1), (2, 30, 24, 3)]
 
 
 def make_qkv(case: AttnCase, dtype: torch.dtype, seed: int, *, layout: str = "contiguous",

@@ -36,7 +36,15 @@ def _rel(a, b) -> float:
     return max_abs(a, b) / max(b.abs().max().item(), 1e-12)
 
 
-@pytest.mark.parametrize("make_config", [tiny_image_config, tiny_video_config], ids=["image", "video"])
+def _query_stride_3_config():
+    """Pooling by 3x3 (a flattened query stride of 9, not a power of two), with 3x3 mask units."""
+    return H.HieraConfig(image_size=(36, 36), embed_dim=16, num_heads=(1, 2), depths=(1, 1), num_labels=3,
+                         query_stride=(3, 3), masked_unit_size=(3, 3), masked_unit_attention=(True, False),
+                         num_query_pool=1)
+
+
+@pytest.mark.parametrize("make_config", [tiny_image_config, tiny_video_config, _query_stride_3_config],
+                         ids=["image", "video", "query-stride-3x3"])
 def test_classifier_fused_equals_eager(make_config, device):
     config = make_config()
     eager, fused = _pair(H.HieraForImageClassification, config, device)

@@ -96,9 +96,12 @@ GEOMETRIES = [
     (1, 1, 24, 19, 8, 8),  # one query per window
     (1, 1, 16, 1, 1, 1),  # a single token
     (1, 1, 256, 2, 32, 1),  # head dim 256
+    (1, 1, 24, 4, 18, 3),  # q_stride 3, not a power of two
 ]
 _ids = [f"B{b}h{h}d{d}w{w}T{t}s{s}" for b, h, d, w, t, s in GEOMETRIES]
-_WINDOWED = [(g, i) for g, i in zip(GEOMETRIES, _ids) if g[4] <= 64]
+# the geometries where fp16 runs the window variant (fp32 runs the split there beyond 16 keys)
+_WINDOWED = [(g, i) for g, i in zip(GEOMETRIES, _ids)
+             if _bwd().attention_backward_config(g[2], g[4], g[5], g[3], torch.float16)["variant"] == "window"]
 
 
 # ---------------------------------------------------------------------------------------------- numerical lane
@@ -120,6 +123,7 @@ def test_fp32_window_kernel_where_fp16_uses_it(geom, monkeypatch):
     B, H, hd, nw, T, s = geom
     ab = _bwd()
     cfg16 = ab.attention_backward_config(hd, T, s, nw, torch.float16)
+    assert cfg16["variant"] == "window"
     monkeypatch.setattr(ab, "attention_backward_config", lambda *a: cfg16)
     qkv, g = _randn(B, nw * T, 3 * H * hd), _randn(B, nw * T // s, H * hd)
     assert _rel_err(_run(qkv, g, H, s, nw), _truth(qkv, g, H, s, nw)) <= 1e-5
@@ -156,6 +160,23 @@ def test_ties_route_to_lowest_candidate_like_torch(geom, variant):
     dq = got[..., : H * hd].reshape(B, s, T // s, nw, H * hd)
     tie = (q[:, 0] == q[:, 1]) & (q[:, 0] == q.max(dim=1).values)
     assert tie.sum() > 0 and (dq[:, 1][tie] == 0).all() and (dq[:, 0][tie] != 0).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("geom, variant", [((1, 2, 16, 2, 64, 4), "window"), ((2, 1, 32, 3, 16, 4), "split")],
+                         ids=["window", "split"])
+def test_nan_candidate_gets_the_gradient_like_torch(geom, variant):
+    """A NaN among a pooled query's candidates wins the max (forward: NaN propagates); its backward must route that
+    element's gradient to the NaN candidate, as torch's max does, not to the largest number."""
+    B, H, hd, nw, T, s = geom
+    assert _bwd().attention_backward_config(hd, T, s, nw, torch.float32)["variant"] == variant
+    qkv, g = _randn(B, nw * T, 3 * H * hd), _randn(B, nw * T // s, H * hd)
+    T_out = T // s
+    qkv[0, (1 * T_out + 0) * nw + 0, 3] = float("nan")  # candidate 1 of pooled query 0, window 0, channel 3
+    got, truth = _run(qkv, g, H, s, nw), _truth(qkv, g, H, s, nw)
+    assert got.isnan().any() and torch.equal(got.isnan().cpu(), truth.isnan())
+    ok = ~truth.isnan()
+    assert (got.cpu().double()[ok] - truth[ok]).abs().max() <= 1e-5 * truth[ok].abs().max()
 
 
 @needs_triton
@@ -207,7 +228,7 @@ def test_gradcheck_float64(H, s, nw, T, hd, fast):
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # (tokens per window, q_stride, windows): every row of DESIGN.md's 224² table, video, MAE-like and odd windows.
 COMPILE_GEOMETRIES = [(64, 1, 49), (64, 4, 49), (16, 1, 49), (16, 4, 49), (196, 1, 1), (196, 4, 1), (49, 1, 1),
-                      (1568, 4, 1), (12, 1, 7), (128, 2, 4)]
+                      (1568, 4, 1), (12, 1, 7), (128, 2, 4), (18, 3, 4)]
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch kwargs that are compile options, not constexprs
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 

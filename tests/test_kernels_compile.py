@@ -27,6 +27,7 @@ GEOMETRIES = [
     (196, 1, 1), (196, 4, 1), (49, 1, 1),  # global: 196/196, 49/196, 49/49
     (1568, 1, 1), (1568, 4, 1),  # video stage 3 global, stage 4 first
     (12, 1, 7), (64, 8, 3), (8, 8, 19), (128, 2, 4),  # odd windows, q_stride 8, one query per window, big windows
+    (18, 3, 4), (54, 9, 1),  # q_stride not a power of two (padded candidate axis)
 ]
 HIERA_HEAD_DIMS = (56, 64, 72, 112, 128)  # the model zoo's head dims besides 96 (swept with every geometry)
 OTHER_HEAD_DIMS = (16, 24, 40)  # pads 16 / 32 / 64 of odd head dims
@@ -100,8 +101,8 @@ def _worker() -> list[dict]:
         ty = _TRITON_TYPE[v["dtype"]]
         sig = {n: "i32" for n in fn.arg_names}
         sig.update(QKV=f"*{ty}", Out=f"*{ty}", Lse="*fp32")
-        cst = {k: v[k] for k in ("HEAD_DIM", "Q_STRIDE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PACKED", "ONE_KV_BLOCK",
-                                 "ACC_DTYPE", "DOT_PRECISION")}
+        cst = {k: v[k] for k in ("HEAD_DIM", "Q_STRIDE", "Q_CANDIDATES", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PACKED",
+                                 "ONE_KV_BLOCK", "ACC_DTYPE", "DOT_PRECISION")}
         cst["ACC_DTYPE"] = getattr(tl, str(cst["ACC_DTYPE"]).replace("fp", "float"))
         cst["STORE_LSE"] = v["lse"]
         for cc in CCS:

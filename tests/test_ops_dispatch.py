@@ -1,10 +1,15 @@
 """How ``fused=True`` dispatches: shapes past the kernels' limits run the eager path with a warning (never a Triton
-error or a wrong answer), and every Triton launch runs on the tensors' own CUDA device."""
+error or a wrong answer), every Triton launch runs on the tensors' own CUDA device, the backend follows how the
+kernels were defined (not the current environment), autocast gives the same dtypes fused or not, and empty or
+degenerate shapes get an empty result or a clear error."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -60,7 +65,7 @@ def test_head_dim_limit(hd, device, fresh_warnings):
 
 @needs_triton
 def test_batch_past_grid_limit_runs_eager_with_warning(device, fresh_warnings):
-    B = ops._MAX_GRID_BATCH + 1  # [65536, 4, 6]: small in memory, one past the kernels' grid
+    B = ops._MAX_GRID_AXIS + 1  # [65536, 4, 6]: small in memory, one past the kernels' grid
     qkv = torch.randn(B, 4, 6, device=device)
     before = ops.kernel_launches.copy()
     with pytest.warns(RuntimeWarning, match=f"batch {B} > 65535"):
@@ -75,7 +80,47 @@ def test_batch_past_grid_limit_runs_eager_with_warning(device, fresh_warnings):
 def test_shape_limits_accept_every_zoo_shape():
     # Hiera-H-16x224, batch 256: the largest attention input of the zoo (stage 1, 25088 tokens x 3 * 256 channels)
     assert ops._kernel_shape_limit(torch.empty(256, 25088, 768, device="meta"), 64) is None
+    assert ops._attention_shape_limit(torch.empty(256, 25088, 768, device="meta"), 1, 392) is None
     assert "2**31" in ops._kernel_shape_limit(torch.empty(1, 2**21, 1024, device="meta"))
+
+
+def test_shape_limits_see_strides_and_the_backward_grid():
+    """A small tensor whose rows are far apart (a column slice of a very wide one) needs offsets past 32 bits; the
+    backward kernels put heads * windows on a grid axis (at most 65535)."""
+    wide_rows = torch.empty_strided((2, 2, 48), (2**32, 2**31, 1), device="meta")
+    assert "2**31" in ops._kernel_shape_limit(wide_rows)
+    assert "2**31" in ops._attention_shape_limit(wide_rows, 1, 1)
+    expanded = torch.empty(2, 1, 48, device="meta").expand(2, 2**26, 48)  # stride 0, but d_x is written whole
+    assert "2**31" in ops._kernel_shape_limit(expanded)
+    assert ops._kernel_shape_limit(torch.empty(2, 1, 48, device="meta").expand(2, 2**20, 48)) is None
+    assert "65535" in ops._attention_shape_limit(torch.empty(1, 4 * 65536, 48, device="meta"), 4, 65536)
+
+
+@needs_triton
+def test_backward_copies_a_grad_out_with_huge_row_stride(device, monkeypatch):
+    """grad_out is read with 32-bit offsets inside a batch element: one that spans more (a strided view) is copied
+    first. Shrinking the limit shows it on a small tensor."""
+    monkeypatch.setattr(ops, "_MAX_ROW_OFFSET", 1000)  # qkv [1, 32, 48] spans 1536 >= 1000: raise its limit instead
+    monkeypatch.setattr(ops, "_kernel_shape_limit", lambda x, head_dim=None: None)
+    bwd = ops._kernel_module("attention_bwd")
+    launched_with = []
+
+    def spy(grad_out, *args):
+        launched_with.append(grad_out.stride())
+        return real(grad_out, *args)
+
+    real = bwd.mask_unit_attention_backward
+    monkeypatch.setattr(bwd, "mask_unit_attention_backward", spy)
+    qkv = torch.randn(1, 32, 48, device=device)
+    grad = torch.randn(1, 16, 4000, device=device)[:, :, :16]  # rows 4000 apart: spans 60016 elements
+    x = qkv.clone().requires_grad_(True)
+    out = ops.mask_unit_attention(x, 1, 2, 8, True, fused=True)
+    (d_x,) = torch.autograd.grad(out, x, grad)
+    ref_in = qkv.double().requires_grad_(True)
+    ref = reference.mask_unit_attention_official(ref_in, 1, 2, 2)
+    (d_ref,) = torch.autograd.grad(ref, ref_in, grad.double())
+    assert launched_with == [(256, 16, 1)]  # the contiguous copy reached the kernel
+    _assert_fp32_close(out, d_x, ref, d_ref)
 
 
 def test_launch_runs_on_the_tensors_cuda_device(monkeypatch):
@@ -109,3 +154,101 @@ def test_fused_on_second_gpu_while_first_is_current():
     out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, 4, 16, True)
     assert out.device == d_x.device == torch.device("cuda", 1)
     _assert_fp32_close(out, d_x, ref, d_ref)
+
+
+# ---------------------------------------------------------------------------------------------- backend choice
+def test_backend_follows_how_the_kernels_were_defined():
+    """TRITON_INTERPRET set *after* the kernels were imported cannot make them run on the CPU: the fused op must
+    take the eager path with a warning that says why, not crash inside Triton."""
+    script = """
+import os, warnings, torch
+from hiera_fast import ops, reference
+print(ops.kernels_interpreted(), ops.fused_backend("cpu")[0])
+os.environ["TRITON_INTERPRET"] = "1"
+backend, reason = ops.fused_backend("cpu")
+print(ops.kernels_interpreted(), backend, "was set after" in reason)
+qkv = torch.randn(1, 32, 48)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = ops.mask_unit_attention(qkv, 1, 2, 8, True, fused=True)
+print(torch.allclose(out, reference.mask_unit_attention_eager(qkv, 1, 2, 2)), len(caught))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["None", "eager", "False", "eager", "True", "True", "1"]
+
+
+# ---------------------------------------------------------------------------------------------- autocast
+@needs_triton
+def test_autocast_gives_the_same_dtype_fused_or_not(device):
+    """Under autocast the op runs in the autocast dtype, as SDPA does, whichever path runs; gradients come back in
+    the input's dtype. (fp16: the interpreter cannot compute bf16.)"""
+    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+    outs, grads = {}, {}
+    for fused in (False, True):
+        x = qkv.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.float16):
+            out = ops.mask_unit_attention(x, 2, 4, 4, True, fused=fused)
+        out.float().square().sum().backward()
+        outs[fused], grads[fused] = out, x.grad
+    assert outs[True].dtype == outs[False].dtype == torch.float16
+    assert grads[True].dtype == grads[False].dtype == torch.float32
+    assert (outs[True].float() - outs[False].float()).abs().max().item() <= 2e-3
+    scale = grads[False].abs().max().item()
+    assert (grads[True] - grads[False]).abs().max().item() <= 1e-2 * scale
+
+
+def test_autocast_on_the_eager_fallback_backward_inside_autocast(fresh_warnings, monkeypatch):
+    """The fused op's eager fallback (here: forced) computes in its input's dtype even when its backward runs inside
+    the autocast region (it used to mix fp32 and bf16 there and fail)."""
+    monkeypatch.setattr(ops, "_backend_for", lambda device_type: ("eager", "forced by the test"))
+    qkv = torch.randn(2, 64, 3 * 2 * 16)
+    x = qkv.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(RuntimeWarning, match="forced by the test"):
+        out = ops.mask_unit_attention(x, 2, 4, 4, True, fused=True)
+        (d_x,) = torch.autograd.grad(out.float().sum(), x)
+    assert out.dtype == torch.bfloat16 and d_x.dtype == torch.float32
+    ref_in = qkv.bfloat16().double().requires_grad_(True)  # the same rounding of the input, then float64
+    (d_ref,) = torch.autograd.grad(reference.mask_unit_attention_official(ref_in, 2, 4, 4).sum(), ref_in)
+    assert (d_x.double() - d_ref).abs().max().item() <= 3e-2 * d_ref.abs().max().item()
+
+
+@needs_triton
+def test_autocast_compiled_dtype_matches_eager(device):
+    """The fake implementation (what torch.compile traces) must promise the dtype the op returns under autocast."""
+    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+
+    def f(x):
+        with torch.autocast(device, dtype=torch.float16):
+            return ops.mask_unit_attention(x, 2, 4, 4, True, fused=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(qkv)
+    eager = f(qkv)
+    assert compiled.dtype == eager.dtype == torch.float16
+    assert torch.equal(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------------- empty and degenerate
+@pytest.mark.parametrize("fused", [False, True])
+def test_empty_batch_gives_empty_results(fused):
+    qkv = torch.randn(0, 64, 48, requires_grad=True)
+    out = ops.mask_unit_attention(qkv, 2, 4, 4, True, fused=fused)
+    assert out.shape == (0, 16, 16)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    assert ops.unrolled_max_pool(torch.randn(0, 8, 4), 2, fused=fused).shape == (0, 4, 4)
+    assert ops.unrolled_max_pool(torch.randn(3, 0, 4), 2, fused=fused).shape == (3, 0, 4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(2, 0, 48), 1, 1, 16, True), "at least one token"),
+    ((torch.randn(2, 0, 48), 1, 1, 0, False), "at least one token"),
+    ((torch.randn(2, 64, 0), 1, 1, 16, True), "dim > 0"),
+    ((torch.randn(2, 64, 48), 1, 1, True, True), "window_size"),
+])
+def test_degenerate_attention_inputs_raise(fused, args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.mask_unit_attention(*args, fused=fused)
