@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 import re
 
@@ -109,18 +110,20 @@ def _attention_modules(model) -> int:
     return sum(type(m).__name__ in ATTENTION_NAMES for m in model.modules())
 
 
+def _pools(m) -> bool:
+    """A block whose residual is max-pooled with a stride > 1 (each library spells it its own way)."""
+    name = type(m).__name__
+    if name == "HieraLayer":
+        return m.hidden_size != m.hidden_size_output and m.query_stride > 1
+    if name == "HieraBlock" and hasattr(m, "do_expand"):  # timm
+        return m.do_expand and m.proj is not None and m.attn.q_stride > 1
+    if name == "HieraBlock":  # official
+        return m.dim != m.dim_out and m.attn.q_stride > 1
+    return False
+
+
 def _pooling_blocks(model) -> int:
-    """Blocks whose residual is max-pooled with a stride > 1 (each library spells it its own way)."""
-    count = 0
-    for m in model.modules():
-        name = type(m).__name__
-        if name == "HieraLayer":
-            count += m.hidden_size != m.hidden_size_output and m.query_stride > 1
-        elif name == "HieraBlock" and hasattr(m, "do_expand"):  # timm
-            count += m.do_expand and m.proj is not None and m.attn.q_stride > 1
-        elif name == "HieraBlock":  # official
-            count += m.dim != m.dim_out and m.attn.q_stride > 1
-    return count
+    return sum(_pools(m) for m in model.modules())
 
 
 def _run(model, x, seed=1234, **kwargs):
@@ -147,9 +150,24 @@ def _assert_close(got: list[torch.Tensor], ref: list[torch.Tensor], tol: float, 
         assert _rel(a, b) <= tol, f"{what}[{i}]: relative error {_rel(a, b):.2e} > {tol:.0e}"
 
 
+def _layout(model) -> list[tuple[type, list[str]]]:
+    """Each module's class and instance attributes: what ``unpatch`` must give back as ``patch`` found it."""
+    return [(type(m), sorted(m.__dict__)) for m in model.modules()]
+
+
 def _assert_clean(model) -> None:
+    """No module holds a patch of ours: every class is its library's own, nothing of ours is on an instance."""
     for m in model.modules():
-        assert core.SAVED not in m.__dict__ and "forward" not in m.__dict__ and "extra_repr" not in m.__dict__
+        assert core.LIBRARY_CLASS not in type(m).__dict__, type(m)
+        assert "forward" not in m.__dict__ and "extra_repr" not in m.__dict__
+
+
+def _launches(fn):
+    """``fn()`` without autograd, and the kernel launches it made."""
+    before = ops.kernel_launches.copy()
+    with torch.no_grad():
+        out = fn()
+    return out, ops.kernel_launches - before
 
 
 @pytest.fixture(autouse=True)
@@ -169,9 +187,11 @@ def test_patch_matches_library_fp32(name, device):
     restores the original forward exactly."""
     model, x = _build(name, device)  # batch 1 for speed; the MAE tests run batch 2
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = _layout(model)
     ref_out, ref_grads = _run(model, x)
 
     assert patch(model) is model
+    assert [attrs for _, attrs in _layout(model)] == [attrs for _, attrs in layout]  # nothing stored on instances
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
@@ -189,6 +209,7 @@ def test_patch_matches_library_fp32(name, device):
 
     assert unpatch(model) is model
     _assert_clean(model)
+    assert _layout(model) == layout
     before = ops.kernel_launches.copy()
     out, _ = _run(model, x)
     assert ops.kernel_launches == before
@@ -323,54 +344,186 @@ def test_patch_flags_and_context_manager(device):
 
 @pytest.mark.parametrize("name", ["transformers-classifier", "timm", "official-image"])
 def test_patch_twice_is_noop_and_repr(name, device):
+    """Exactly the modules that run fused code change class and get a tag; a second ``patch`` changes nothing (same
+    classes, same repr); ``unpatch`` (twice) gives back the library classes and repr."""
     model, _ = _build(name, device)
+    layout, text = _layout(model), repr(model)
+    assert not is_patched(model)
     patch(model)
-    bound = {id(m): m.__dict__.get("forward") for m in model.modules()}
-    text = repr(model)
-    patch(model)
-    assert {id(m): m.__dict__.get("forward") for m in model.modules()} == bound
-    assert repr(model) == text
-    assert text.count("hiera_fast: fused attention") == _attention_modules(model)
-    assert text.count("hiera_fast: fused pooled residual") >= _pooling_blocks(model)
+    assert is_patched(model)
+    classes = [type(m) for m in model.modules()]
+    changed = sum(cls is not before for cls, (before, _) in zip(classes, layout))
+    assert changed == _attention_modules(model) + _pooling_blocks(model)
+    patched_text = repr(model)
+    assert patched_text.count("hiera_fast: fused attention") == _attention_modules(model)
+    assert patched_text.count("hiera_fast: fused pooled residual") == _pooling_blocks(model)
+    assert core.patch_modules(model) == []
+    assert all(type(m) is cls for m, cls in zip(model.modules(), classes))
+    assert repr(model) == patched_text
     unpatch(model)
     unpatch(model)  # a no-op too
-    _assert_clean(model)
-    assert "hiera_fast" not in repr(model)
+    assert _layout(model) == layout and repr(model) == text
+    assert not is_patched(model)
 
 
 def test_deepcopy_of_patched_model_stays_patched_on_the_copy(device):
-    model, _ = _build("official-image", device)
+    """A deep copy of a patched model runs the kernels on its own weights; ``unpatch`` on the copy leaves the original
+    patched, and the copy then runs the library's own code, equal to the unpatched model."""
+    model, x = _build("official-image", device)
+    model.eval()
+    ref, _ = _launches(lambda: model(x))
     patch(model)
     clone = copy.deepcopy(model)
-    assert is_patched(clone.blocks[0].attn)
-    assert clone.blocks[0].attn.forward.__self__ is clone.blocks[0].attn
+    randomize_(model)  # the copy must not run on the original's weights
+    got, launched = _launches(lambda: clone(x))
+    assert launched["mask_unit_attention_fwd"] == _attention_modules(clone)
+    assert launched["unrolled_max_pool_fwd"] == _pooling_blocks(clone)
+    assert _rel(got, ref) <= FP32_TOL
     unpatch(clone)
-    assert is_patched(model.blocks[0].attn) and not is_patched(clone.blocks[0].attn)
+    _assert_clean(clone)
+    assert is_patched(model) and not is_patched(clone)
+    assert "hiera_fast" not in repr(clone) and "hiera_fast: fused attention" in repr(model)
+    got, launched = _launches(lambda: clone(x))
+    assert sum(launched.values()) == 0
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("name", ["transformers-classifier", "timm"])  # the official Head holds a lambda: no pickle
+def test_saved_patched_model_loads_unpatched(name, device):
+    """``torch.save(model)`` of a patched model pickles the library classes: the file names nothing of hiera_fast
+    (it loads where hiera_fast is not installed) and loads unpatched, equal to the unpatched model."""
+    model, x = _build(name, device)
+    model.eval()
+    ref, _ = _launches(lambda: _outputs(model(x)))
+    patch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert b"hiera_fast" not in buffer.getvalue()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert is_patched(model) and not is_patched(loaded)
+    _assert_clean(loaded)
+    assert "hiera_fast" not in repr(loaded)
+    got, launched = _launches(lambda: _outputs(loaded(x)))
+    assert sum(launched.values()) == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_data_parallel_replica_runs_on_its_own_weights(device):
+    """``nn.DataParallel`` makes each replica with ``_replicate_for_data_parallel()`` (a shallow copy of the
+    ``__dict__``) and then gives it that device's children: the patched replica runs the kernel on those, not on the
+    module it was copied from. Compared with an unpatched module holding the same children."""
+    model, _ = _build("official-image", device)
+    attn = model.blocks[0].attn
+    ref = randomize_(copy.deepcopy(attn))  # the replica's weights, unlike the original's
+    patch(model)
+    replica = attn._replicate_for_data_parallel()
+    replica._modules.update(ref._modules)  # what replicate() does, per device
+    x = torch.randn(2, 256, attn.qkv.in_features, device=device)  # the first stage's 16x16 tokens
+    got, launched = _launches(lambda: replica(x))
+    assert launched["mask_unit_attention_fwd"] == 1
+    want, _ = _launches(lambda: ref(x))
+    assert _rel(got, want) <= FP32_TOL
 
 
 def test_timm_expand_without_projection_keeps_timms_forward(device):
-    """timm's ``use_expand_proj=False`` pools the residual as cat(max, mean) with no projection: those blocks keep
-    timm's forward (instance patch skips them; a class-level patch falls back to the original)."""
+    """timm's ``use_expand_proj=False`` pools the residual as cat(max, mean) with no projection: those blocks run
+    timm's own code, by instance patch (left as they are) and by class patch (falling back to the original), and
+    are neither reported as patched nor tagged; attention still runs the kernel."""
     model = timm_hiera.Hiera(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), num_classes=7,
                              use_expand_proj=False)
     model = randomize_(model, std=0.1).to(device).eval()
     x = torch.randn(1, *IMAGE, device=device)
     expanding = [b for b in model.blocks if b.do_expand]
     assert expanding and all(b.proj is None for b in expanding)
+    ref, _ = _launches(lambda: model(x))
+    layout = _layout(model)
+    for patch_blocks in (lambda: patch(model, attention=False), lambda: patch_timm(attention=False)):
+        patch_blocks()
+        assert not is_patched(model)
+        assert "hiera_fast" not in repr(model)
+        got, launched = _launches(lambda: model(x))
+        assert sum(launched.values()) == 0
+        assert _rel(got, ref) <= FP32_TOL
+    unpatch_timm()
+    for patch_all, undo in ((lambda: patch(model), lambda: unpatch(model)), (patch_timm, unpatch_timm)):
+        patch_all()
+        assert all(type(b) is timm_hiera.HieraBlock for b in model.blocks)
+        assert not any(is_patched(b) for b in model.blocks if b.do_expand and b.attn.q_stride == 1)
+        text = repr(model)
+        assert text.count("hiera_fast: fused attention") == _attention_modules(model)
+        assert "hiera_fast: fused pooled residual" not in text
+        got, launched = _launches(lambda: model(x))
+        assert launched["mask_unit_attention_fwd"] == _attention_modules(model)
+        assert launched["unrolled_max_pool_fwd"] == 0
+        assert _rel(got, ref) <= FP32_TOL
+        undo()
+    assert _layout(model) == layout
+
+
+def _with_4x_signature(forward):
+    """transformers 4.x's ``forward(hidden_states, head_mask=None, output_attentions=False)`` around 5.x's
+    ``forward``: CI installs only 5.x. The stand-in scales its output by the head mask, so that a mask the patched
+    path dropped would show."""
+    def forward_4x(self, hidden_states, head_mask=None, output_attentions=False):
+        out, weights = forward(self, hidden_states, output_attentions=output_attentions)
+        return (out if head_mask is None else out * head_mask), weights
+
+    return forward_4x
+
+
+def test_transformers_4x_call_signature(monkeypatch, device):
+    """transformers 4.x's stages call ``layer(x, layer_head_mask, output_attentions=...)`` and its layers
+    ``attn(x_norm, head_mask, output_attentions=...)``. With the library's forwards given 4.x's signature, the
+    patched modules take every such call: without a head mask they run the kernels; a head mask or
+    ``output_attentions=True`` goes to the library's forward. Each call equals the same call unpatched."""
+    modeling = transformers.models.hiera.modeling_hiera
+    for cls in (modeling.HieraMaskUnitAttention, modeling.HieraLayer):
+        monkeypatch.setattr(cls, "forward", _with_4x_signature(cls.forward))
+    model, _ = _build("transformers-classifier", device)
+    model.eval()
+    layer = model.hiera.encoder.stages[1].layers[0]  # the first pooling layer: 16x16 tokens in, 8x8 out
+    assert _pools(layer)
+    x = torch.randn(2, 256, layer.hidden_size, device=device)
+    x_norm = layer.layernorm_before(x).detach()
+    mask = torch.tensor(1.5, device=device)
+    calls = [  # (call, attention kernels, pooling kernels) when patched
+        (lambda: layer(x, None, output_attentions=False), 1, 1),
+        (lambda: layer.attn(x_norm, None, output_attentions=False), 1, 0),
+        (lambda: layer.attn(x_norm, None), 1, 0),
+        (lambda: layer.attn(x_norm, head_mask=None), 1, 0),
+        (lambda: layer(x, mask, output_attentions=False), 1, 0),  # the stand-in layer calls attn the 5.x way
+        (lambda: layer.attn(x_norm, mask), 0, 0),
+        (lambda: layer.attn(x_norm, head_mask=mask, output_attentions=True), 0, 0),
+    ]
+    refs = [_launches(call)[0] for call, _, _ in calls]
     patch(model)
-    assert not any(is_patched(b) for b in expanding)
-    assert all(is_patched(b.attn) for b in model.blocks)
-    unpatch(model)
-    with torch.no_grad():
-        ref = model(x)
-        patch_timm()
-        assert all(is_patched(b) for b in expanding)
-        before = ops.kernel_launches.copy()
-        got = model(x)
+    for (call, n_attn, n_pool), (ref_out, ref_weights) in zip(calls, refs):
+        (out, weights), launched = _launches(call)
+        assert (launched["mask_unit_attention_fwd"], launched["unrolled_max_pool_fwd"]) == (n_attn, n_pool)
+        assert _rel(out, ref_out) <= FP32_TOL
+        assert (weights is None) == (ref_weights is None)
+        assert weights is None or _rel(weights, ref_weights) <= FP32_TOL
+
+
+def test_compile_fullgraph(device):
+    """A patched model compiles with ``fullgraph=True`` and matches the unpatched model, output and every gradient;
+    after ``unpatch`` the compiled model runs the library's code again (the class swap is guarded)."""
+    torch._dynamo.reset()
+    model, x = _build("timm", device)
+    ref_out, ref_grads = _run(model, x)
+    patch(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    before = ops.kernel_launches.copy()
+    out, grads = _run(compiled, x)
     launched = ops.kernel_launches - before
-    assert launched["mask_unit_attention_fwd"] == _attention_modules(model)
-    assert launched["unrolled_max_pool_fwd"] == 0
-    assert _rel(got, ref) <= FP32_TOL
+    assert launched["mask_unit_attention_fwd"] == launched["mask_unit_attention_bwd"] == _attention_modules(model)
+    assert launched["unrolled_max_pool_fwd"] == launched["unrolled_max_pool_bwd"] == _pooling_blocks(model)
+    _assert_close(out, ref_out, FP32_TOL, "output")
+    _assert_close(grads, ref_grads, FP32_TOL, "grad")
+    unpatch(model)
+    _, launched = _launches(lambda: compiled(x))
+    assert sum(launched.values()) == 0
 
 
 # ------------------------------------------------------------------------------------------------ class level
@@ -424,6 +577,36 @@ def test_class_level_patch_and_undo(library, device):
     assert ops.kernel_launches == before
 
 
+BLOCK_NAMES = ("HieraLayer", "HieraBlock")
+
+
+@pytest.mark.parametrize("library", ["transformers", "timm", "official"])
+def test_is_patched_and_repr_say_what_runs_fused(library, device):
+    """``is_patched(model)`` is True when any module in it runs fused code. With the blocks patched alone
+    (``attention=False``), by instance or by class, exactly the blocks that pool with a stride > 1 are reported and
+    tagged, as many as the pooling kernel launches; the output equals the unpatched model's."""
+    do, undo, case, _ = CLASS_LEVEL[library]
+    model, x = _build(case, device)
+    model.eval()
+    blocks = [m for m in model.modules() if type(m).__name__ in BLOCK_NAMES]
+    pooling = [_pools(b) for b in blocks]
+    assert any(pooling) and not all(pooling)
+    ref, _ = _launches(lambda: _outputs(model(x)))
+    assert not is_patched(model)
+    for patch_blocks, undo_blocks in ((lambda: patch(model, attention=False), lambda: unpatch(model)),
+                                      (lambda: do(attention=False), undo)):
+        patch_blocks()
+        assert is_patched(model)
+        assert [is_patched(b) for b in blocks] == pooling
+        text = repr(model)
+        assert text.count("hiera_fast: fused pooled residual") == sum(pooling) and "fused attention" not in text
+        got, launched = _launches(lambda: _outputs(model(x)))
+        assert (launched["unrolled_max_pool_fwd"], launched["mask_unit_attention_fwd"]) == (sum(pooling), 0)
+        _assert_close(got, ref, FP32_TOL, "output")
+        undo_blocks()
+        assert not is_patched(model)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_non_hiera_model_raises():
     with pytest.raises(ValueError) as info:
@@ -433,8 +616,9 @@ def test_non_hiera_model_raises():
     for name in (f"{hf}.HieraMaskUnitAttention", f"{hf}.HieraLayer", "timm.models.hiera.MaskUnitAttention",
                  "timm.models.hiera.HieraBlock", "hiera.hiera.MaskUnitAttention", "hiera.hiera.HieraBlock"):
         assert name in message
-    with pytest.raises(TypeError):
-        patch("not a model")
+    for fn in (patch, unpatch, is_patched):
+        with pytest.raises(TypeError, match=f"hiera_fast.{fn.__name__} expects a torch.nn.Module, got str"):
+            fn("not a model")
 
 
 def test_unknown_layout_names_the_library_version(device):

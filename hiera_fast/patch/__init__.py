@@ -9,6 +9,15 @@ On the classes, before models are built (Liger-Kernel style; each has an undo)::
 
     hiera_fast.patch_transformers()     # patch_timm(), patch_official()
 
+A patched module keeps its parameters, state dict and hooks; a ``copy.deepcopy`` of it stays patched, a model saved
+with ``torch.save(model)`` loads unpatched (patch again after loading). ``is_patched(model)`` says whether any
+module in it runs fused code.
+
+Not supported: double backward (a backward through a gradient taken with ``torch.autograd.grad(...,
+create_graph=True)``, e.g. a gradient penalty) raises ``RuntimeError`` ("no autograd formula was registered" for
+``hiera_fast.mask_unit_attention_bwd``): the fused backward has no derivative of its own. Run such a step unpatched
+(after :func:`unpatch`, or outside ``with patched(model)``).
+
 One module per library (:mod:`.transformers`, :mod:`.timm`, :mod:`.official`) around a shared :mod:`.core`. None of
 them imports its library when imported (``patch_<library>()`` does): a model can only hold a library's modules once
 that library is imported, so :func:`patch` looks only at the libraries already loaded.

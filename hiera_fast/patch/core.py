@@ -1,11 +1,14 @@
-"""The shared machinery of the drop-in patch: find a library's Hiera modules, rebind their ``forward``, undo it.
+"""The shared machinery of the drop-in patch: find a library's Hiera modules, give them a fused ``forward``, undo it.
 
 Two ways in, as in Liger-Kernel's ``monkey_patch.py``:
 
-- **instances** (:func:`patch`): every matching module of an existing model gets an instance attribute ``forward``
-  (and ``extra_repr``, so ``repr(model)`` shows the patch) bound to the fused function. Parameters, buffers, hooks
-  and the state dict are untouched; the previous instance attributes are kept in ``module._hiera_fast_saved`` so
-  :func:`unpatch` can put them back. Modules copied with ``copy.deepcopy`` stay patched, bound to the copy.
+- **instances** (:func:`patch`): every matching module of an existing model gets a new class: a subclass of its
+  library class, made once per class, that overrides ``forward`` with the fused function and ``extra_repr`` with a
+  tag (so ``repr(model)`` shows the patch). Nothing is stored on the instance (parameters, buffers, hooks, its
+  ``__dict__`` and the state dict are untouched) and :func:`unpatch` puts the library class back. Since the patch
+  lives in the class, a ``copy.deepcopy`` stays patched and an ``nn.DataParallel`` replica (a shallow copy of the
+  ``__dict__``) runs the fused forward on its own weights; pickling writes the library class, so a model saved with
+  ``torch.save(model)`` loads unpatched, without needing hiera_fast.
 - **classes** (:func:`patch_class`, behind ``patch_transformers()`` & co.): the class attribute ``forward`` is
   replaced, so every instance — built before or after — runs the fused function until the undo.
 
@@ -18,12 +21,12 @@ that names the library and its version. A library that has not been imported can
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
 import sys
-import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,7 +34,8 @@ from torch import nn
 
 from .. import ops
 
-SAVED = "_hiera_fast_saved"  # instance attribute: {name: previous instance attribute or _MISSING}
+LIBRARY_CLASS = "_hiera_fast_library_class"  # on our patched subclasses: the library class they patch
+_SUBCLASSES: dict[type, type] = {}  # library class -> its patched subclass
 _MISSING = object()
 _CLASS_SAVED: dict[tuple[type, str], object] = {}  # (class, name) -> previous class-dict entry or _MISSING
 _CHECKED: set[type] = set()  # classes whose instances have every attribute a fused forward reads
@@ -42,7 +46,8 @@ _CHECKED: set[type] = set()  # classes whose instances have every attribute a fu
 class Role:
     """One patchable class of a library: its name, the attributes the fused forward reads, and the fused functions.
 
-    ``applies(module)`` says whether an instance gains anything from the patch (a block only where it pools);
+    ``applies(module)`` says whether an instance runs fused code when patched (a block only where it pools with a
+    stride > 1);
     ``needs(module)`` lists extra attributes that only some instances must have (a pooling block's ``proj``).
     """
 
@@ -136,38 +141,47 @@ def looked_for() -> str:
 
 # ------------------------------------------------------------------------------------------------ originals
 def original(module: nn.Module, name: str) -> Callable:
-    """The unpatched ``module.<name>``, bound: the previous instance attribute, else the class's own (skipping any
-    class-level patch of ours)."""
-    saved = module.__dict__.get(SAVED, {})
-    previous = saved.get(name, _MISSING)
-    if previous is not _MISSING:
-        return previous
+    """The library's own ``module.<name>``, bound: found up the class hierarchy, skipping our patched subclass and
+    any class-level patch of ours."""
     for klass in type(module).__mro__:
-        if name in klass.__dict__:
-            fn = _CLASS_SAVED.get((klass, name), klass.__dict__[name])
-            if fn is _MISSING:  # we added it to a class that had none of its own: look further up
-                continue
-            return fn.__get__(module, type(module))
+        if name not in klass.__dict__ or LIBRARY_CLASS in klass.__dict__:
+            continue
+        fn = _CLASS_SAVED.get((klass, name), klass.__dict__[name])
+        if fn is _MISSING:  # we added it to a class that had none of its own: look further up
+            continue
+        return fn.__get__(module, type(module))
     raise AttributeError(f"{type(module).__name__} has no attribute {name!r}")
 
 
-def _tagged_extra_repr(tag: str) -> Callable[[nn.Module], str]:
+def _tagged_extra_repr(role: Role) -> Callable[[nn.Module], str]:
     def extra_repr(self: nn.Module) -> str:
         base = original(self, "extra_repr")()
-        return f"{base}, {tag}" if base else tag
+        if not role.applies(self):  # a class-level patch also reaches blocks that run the library's own code
+            return base
+        return f"{base}, {role.tag}" if base else role.tag
 
-    extra_repr.__hiera_fast__ = True
     return extra_repr
 
 
-def _is_ours(fn: object) -> bool:
-    return getattr(getattr(fn, "__func__", fn), "__hiera_fast__", False)
+def _library_class(module: nn.Module) -> type:
+    """``type(module)``, or the library class it was before :func:`patch` gave it our subclass."""
+    return type(module).__dict__.get(LIBRARY_CLASS, type(module))
 
 
-def fused(fn: Callable) -> Callable:
-    """Mark a function as one of our fused forwards (so a second patch sees the first)."""
-    fn.__hiera_fast__ = True
-    return fn
+def _fused_role(module: nn.Module) -> Role | None:
+    """The role whose fused forward ``module`` has (by instance or class patch), or None."""
+    forward = getattr(type(module), "forward", None)
+    return next((role for lib in LIBRARIES for role in (lib.attention, lib.block) if role.forward is forward), None)
+
+
+def _runs_fused(module: nn.Module) -> bool:
+    role = _fused_role(module)
+    return role is not None and role.applies(module)
+
+
+def _require_module(model: object, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"hiera_fast.{name} expects a torch.nn.Module, got {type(model).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ instances
@@ -183,29 +197,42 @@ def fused_attention(module: nn.Module, x: torch.Tensor, num_heads: int, q_stride
     return module.proj(out)
 
 
-def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` (one attention or block module) runs a fused forward, by instance or class patch."""
-    return _is_ours(getattr(module, "forward", None))
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` or any module in it runs fused code, patched by instance or by class: an attention module,
+    or a block that pools its residual with a stride > 1 (the other blocks run the library's own code)."""
+    _require_module(model, "is_patched")
+    return any(_runs_fused(module) for module in model.modules())
 
 
-def _bind(module: nn.Module, name: str, fn: Callable) -> None:
-    saved = module.__dict__.setdefault(SAVED, {})
-    saved[name] = module.__dict__.get(name, _MISSING)
-    object.__setattr__(module, name, types.MethodType(fn, module))
+def _patched_class(cls: type, role: Role) -> type:
+    """``cls`` with the fused ``forward`` and a tagged ``extra_repr``; made once per class and cached."""
+    if cls in _SUBCLASSES:
+        return _SUBCLASSES[cls]
 
+    class Patched(cls):
+        forward = role.forward
+        extra_repr = _tagged_extra_repr(role)
 
-def _restore(module: nn.Module) -> None:
-    saved = module.__dict__.pop(SAVED)
-    for name, previous in saved.items():
-        if previous is _MISSING:
-            module.__dict__.pop(name, None)
-        else:
-            object.__setattr__(module, name, previous)
+        def __reduce_ex__(self, protocol):
+            # pickled as the library class (what copyreg.__newobj__ would do for it): torch.save(model) loads
+            # unpatched, and without hiera_fast
+            return cls.__new__, (cls,), self.__getstate__()
+
+        def __deepcopy__(self, memo):
+            # as copy.deepcopy does through __reduce_ex__, but keeping the patched class
+            clone = memo[id(self)] = type(self).__new__(type(self))
+            clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            return clone
+
+    Patched.__name__, Patched.__qualname__ = cls.__name__, cls.__qualname__  # repr(model) names the library class
+    setattr(Patched, LIBRARY_CLASS, cls)
+    _SUBCLASSES[cls] = Patched
+    return Patched
 
 
 def _overrides_forward(module: nn.Module, cls: type) -> bool:
     """A subclass of ``cls`` with a forward of its own: not ours to patch."""
-    return type(module).forward is not cls.forward
+    return _library_class(module).forward is not cls.forward
 
 
 def _targets(model: nn.Module, attention: bool, pooling: bool) -> tuple[list[tuple[nn.Module, Role]], int]:
@@ -250,8 +277,7 @@ def _targets(model: nn.Module, attention: bool, pooling: bool) -> tuple[list[tup
 
 def patch_modules(model: nn.Module, *, attention: bool = True, pooling: bool = True) -> list[nn.Module]:
     """Patch ``model``'s Hiera modules in place; returns the modules this call patched (none if already patched)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"hiera_fast.patch expects a torch.nn.Module, got {type(model).__name__}")
+    _require_module(model, "patch")
     if not (attention or pooling):
         raise ValueError("hiera_fast.patch: attention=False and pooling=False leaves nothing to patch")
     targets, hiera_modules = _targets(model, attention, pooling)
@@ -260,11 +286,9 @@ def patch_modules(model: nn.Module, *, attention: bool = True, pooling: bool = T
                          f"looked for {looked_for()} (hiera_fast's own models take fused=True instead)")
     done = []
     for module, role in targets:
-        if is_patched(module):
-            continue
-        _bind(module, "forward", role.forward)
-        _bind(module, "extra_repr", _tagged_extra_repr(role.tag))
-        done.append(module)
+        if _fused_role(module) is None:  # else patched already, by instance or by class
+            module.__class__ = _patched_class(type(module), role)
+            done.append(module)
     return done
 
 
@@ -272,8 +296,8 @@ def unpatch_modules(modules: list[nn.Module] | Iterator[nn.Module]) -> int:
     """Undo the instance patches of ``modules`` (others are skipped); returns how many were restored."""
     count = 0
     for module in modules:
-        if SAVED in module.__dict__:
-            _restore(module)
+        if LIBRARY_CLASS in type(module).__dict__:
+            module.__class__ = _library_class(module)
             count += 1
     return count
 
@@ -291,6 +315,7 @@ def patch(model: nn.Module, *, attention: bool = True, pooling: bool = True) -> 
         ``model`` itself.
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
         ValueError: ``model`` holds no Hiera module of a known library (the message lists the classes looked for).
         RuntimeError: a library's Hiera has a layout this version of hiera_fast does not know (names the version).
     """
@@ -301,6 +326,7 @@ def patch(model: nn.Module, *, attention: bool = True, pooling: bool = True) -> 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` on ``model`` (a no-op where nothing is patched). Class-level patches stay; undo those
     with ``unpatch_transformers()`` & co."""
+    _require_module(model, "unpatch")
     unpatch_modules(model.modules())
     return model
 
@@ -321,7 +347,7 @@ def patch_class(cls: type, role: Role) -> bool:
     """Replace ``cls.forward`` and ``cls.extra_repr``; False if already done."""
     if (cls, "forward") in _CLASS_SAVED:
         return False
-    for name, fn in (("forward", role.forward), ("extra_repr", _tagged_extra_repr(role.tag))):
+    for name, fn in (("forward", role.forward), ("extra_repr", _tagged_extra_repr(role))):
         _CLASS_SAVED[(cls, name)] = cls.__dict__.get(name, _MISSING)
         setattr(cls, name, fn)
     return True

@@ -12,14 +12,12 @@ from .. import ops
 from . import core
 
 
-@core.fused
 def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``MaskUnitAttention.forward`` on the fused kernel."""
     LIBRARY.check(self, LIBRARY.attention)
     return core.fused_attention(self, x, self.heads, self.q_stride)
 
 
-@core.fused
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``HieraBlock.forward`` with ``do_pool(proj(x_norm))`` on the fused max-pool; the rest as the package has it."""
     LIBRARY.check(self, LIBRARY.block)
@@ -34,6 +32,11 @@ def _pools(block) -> bool:
     return block.dim != block.dim_out
 
 
+def _fused_pool(block) -> bool:
+    """The block pools its residual with a stride > 1 (a stride of 1 is a no-op, and no kernel runs)."""
+    return _pools(block) and block.attn.q_stride > 1
+
+
 LIBRARY = core.register(core.Library(
     name="official",
     module="hiera.hiera",
@@ -42,7 +45,7 @@ LIBRARY = core.register(core.Library(
                         attrs=("qkv", "proj", "heads", "q_stride", "window_size", "use_mask_unit_attn"),
                         forward=attention_forward, tag="hiera_fast: fused attention"),
     block=core.Role("HieraBlock", attrs=("norm1", "attn", "norm2", "mlp", "drop_path", "dim", "dim_out"),
-                    forward=block_forward, tag="hiera_fast: fused pooled residual", applies=_pools,
+                    forward=block_forward, tag="hiera_fast: fused pooled residual", applies=_fused_pool,
                     needs=lambda block: ("proj",) if _pools(block) else ()),
 ))
 

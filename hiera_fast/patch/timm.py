@@ -13,14 +13,12 @@ from .. import ops
 from . import core
 
 
-@core.fused
 def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``MaskUnitAttention.forward`` on the fused kernel (windowed and global alike)."""
     LIBRARY.check(self, LIBRARY.attention)
     return core.fused_attention(self, x, self.heads, self.q_stride)
 
 
-@core.fused
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``HieraBlock.forward`` with the projected max-pool residual on the fused max-pool."""
     LIBRARY.check(self, LIBRARY.block)
@@ -44,7 +42,7 @@ LIBRARY = core.register(core.Library(
                     attrs=("norm1", "attn", "norm2", "mlp", "ls1", "ls2", "drop_path1", "drop_path2", "do_expand",
                            "proj"),
                     forward=block_forward, tag="hiera_fast: fused pooled residual",
-                    applies=lambda block: block.do_expand and block.proj is not None),
+                    applies=lambda block: block.do_expand and block.proj is not None and block.attn.q_stride > 1),
 ))
 
 

@@ -1,7 +1,8 @@
 """transformers' Hiera (``transformers.models.hiera.modeling_hiera``): ``HieraMaskUnitAttention`` and ``HieraLayer``.
 
 Covers HieraModel, HieraForImageClassification, HieraForPreTraining (encoder and decoder) and HieraBackbone, which
-all build their blocks from these two classes. transformers never imports here: the library is imported lazily by
+all build their blocks from these two classes, in transformers 4.x (whose forwards also take a ``head_mask``: a call
+with one runs the original) and 5.x. transformers never imports here: the library is imported lazily by
 :func:`patch_transformers` only.
 """
 
@@ -13,21 +14,34 @@ from .. import ops
 from . import core
 
 
-@core.fused
-def attention_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, **kwargs):
+def _output_attentions(args: tuple, kwargs: dict) -> bool | None:
+    """A call's ``output_attentions``, read alike from both signatures of ``HieraMaskUnitAttention.forward`` and
+    ``HieraLayer.forward``: 4.x ``(hidden_states, head_mask=None, output_attentions=False)``, whose layers call
+    ``attn(x, head_mask, output_attentions=...)`` and ``layer(x, layer_head_mask, output_attentions=...)``; 5.x
+    ``(hidden_states, output_attentions=False)``. None where only the original forward serves the call: a head mask,
+    a positional argument that is not None (its meaning depends on the version) or an argument neither version has."""
+    if len(args) > 1 or any(arg is not None for arg in args) or kwargs.get("head_mask") is not None:
+        return None
+    if set(kwargs) - {"head_mask", "output_attentions"}:
+        return None
+    return bool(kwargs.get("output_attentions", False))
+
+
+def attention_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     """``HieraMaskUnitAttention.forward`` on the fused kernel; returns ``(out, None)``. The attention weights are
-    never formed, so ``output_attentions=True`` (or an argument this version does not know) runs the original."""
-    if output_attentions or kwargs:
-        return core.original(self, "forward")(hidden_states, output_attentions=output_attentions, **kwargs)
+    never formed, so ``output_attentions=True`` (or a head mask, or an argument we do not know) runs the original."""
+    if _output_attentions(args, kwargs) is not False:
+        return core.original(self, "forward")(hidden_states, *args, **kwargs)
     LIBRARY.check(self, LIBRARY.attention)
     return core.fused_attention(self, hidden_states, self.num_heads, self.query_stride), None
 
 
-@core.fused
-def layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, **kwargs):
-    """``HieraLayer.forward`` with the pooled residual on the fused max-pool; the rest as transformers writes it."""
-    if kwargs:
-        return core.original(self, "forward")(hidden_states, output_attentions=output_attentions, **kwargs)
+def layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """``HieraLayer.forward`` with the pooled residual on the fused max-pool; the rest as transformers writes it. A
+    head mask (transformers 4.x) or an argument we do not know runs the original."""
+    output_attentions = _output_attentions(args, kwargs)
+    if output_attentions is None:
+        return core.original(self, "forward")(hidden_states, *args, **kwargs)
     LIBRARY.check(self, LIBRARY.block)
     hidden_states_norm = self.layernorm_before(hidden_states)
     if self.hidden_size != self.hidden_size_output:
@@ -44,6 +58,11 @@ def _pools(layer) -> bool:
     return layer.hidden_size != layer.hidden_size_output
 
 
+def _fused_pool(layer) -> bool:
+    """The layer pools its residual with a stride > 1 (a stride of 1 is a no-op, and no kernel runs)."""
+    return _pools(layer) and layer.query_stride > 1
+
+
 LIBRARY = core.register(core.Library(
     name="transformers",
     module="transformers.models.hiera.modeling_hiera",
@@ -54,7 +73,7 @@ LIBRARY = core.register(core.Library(
     block=core.Role("HieraLayer",
                     attrs=("layernorm_before", "attn", "layernorm_after", "mlp", "drop_path", "hidden_size",
                            "hidden_size_output", "query_stride"),
-                    forward=layer_forward, tag="hiera_fast: fused pooled residual", applies=_pools,
+                    forward=layer_forward, tag="hiera_fast: fused pooled residual", applies=_fused_pool,
                     needs=lambda layer: ("proj",) if _pools(layer) else ()),
 ))
 
