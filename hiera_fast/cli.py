@@ -26,7 +26,6 @@ import warnings
 import torch
 
 PROG = "hiera-fast"
-_KERNEL_MODULES = ("attention_fwd", "max_pool", "attention_bwd")
 # a relative error floor per dtype for the 2x rule (STYLE.md: ours vs a float64 reference <= 2x PyTorch's own error)
 _ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 _CPU_SCALE = dict(image=(64, 64), video=(4, 64, 64), depths=(1, 2, 2, 1))
@@ -93,7 +92,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch build"
         print(f"device: {device_name(device)}; no CUDA device ({built})")
-    for name in _KERNEL_MODULES:
+    for name in ops._KERNEL_MODULES:
         try:
             __import__(f"hiera_fast.kernels.{name}")
             status = "ok"
@@ -120,22 +119,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- check
-def _kernels_interpreted() -> bool | None:
-    """Whether already-imported kernel modules were defined under the interpreter; None if none is imported."""
-    seen = None
-    for name in _KERNEL_MODULES:
-        module = sys.modules.get(f"hiera_fast.kernels.{name}")
-        if module is None:
-            continue
-        for value in vars(module).values():
-            kind = type(value).__name__
-            if kind == "InterpretedFunction":
-                seen = True if seen is None else seen
-            elif kind == "JITFunction":
-                return False
-    return seen
-
-
 def _family(name: str) -> str:
     """Preset name → its size: ``mae_hiera_base_plus_16x224`` → ``base_plus``."""
     key = name.removeprefix("mae_").removeprefix("hiera_")
@@ -281,7 +264,9 @@ def _judge(r: dict) -> dict:
 def _ensure_interpreter(argv: list[str]) -> int | None:
     """On a CPU, the kernels must be *defined* under ``TRITON_INTERPRET=1``: set it now if no kernel module is
     imported yet; if one was imported without it, re-run this command in a fresh process (returns its exit code)."""
-    state = _kernels_interpreted()
+    from . import ops
+
+    state = ops.kernels_interpreted()
     if state is None:
         os.environ["TRITON_INTERPRET"] = "1"
         return None
@@ -298,6 +283,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     bad = [h for h in heads if h not in ("cls", "mae", "video")]
     if bad or not heads:
         raise UsageError(f"unknown head(s) {bad or heads}; choose from cls, mae, video")
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
     if device.type == "cpu":
         dtypes = _dtypes(args.dtype or "fp32")
         if torch.bfloat16 in dtypes:

@@ -9,13 +9,31 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
+
 def _tuple(value: Any, name: str, kind: type = int) -> tuple:
-    if isinstance(value, (int, float, bool)) and not isinstance(value, (list, tuple)):
+    if isinstance(value, (int, float, bool, str)):
         raise ValueError(f"HieraConfig.{name} must be a sequence, got {value!r}")
     try:
         return tuple(kind(v) for v in value)
     except TypeError as err:
         raise ValueError(f"HieraConfig.{name} must be a sequence of {kind.__name__}, got {value!r}") from err
+
+
+def unrolled_window_shape(query_stride: Sequence[int], unrolls: int, size: int) -> tuple[int, ...] | None:
+    """The block of tokens that a mask-unit window of ``size`` tokens covers after ``unrolls`` unrolls by
+    ``query_stride``, or None if such a window is not a block within ``query_stride**unrolls``.
+
+    Unroll orders a token's index by digits, most significant first: its offset inside the finest stride (y before
+    x), then inside the next coarser one, ..., then its position on the coarse grid. MaskUnitAttention's window is
+    the tokens with one ``n % num_windows``: the trailing digits are fixed and the leading ones vary, so a window
+    is a block only if it spans whole leading digits (``size = 4`` with strides ``(2, 2)``: a 2x2 block).
+    """
+    shape, n = [1] * len(query_stride), 1
+    for _ in range(unrolls):
+        for i, q in enumerate(query_stride):
+            if n < size:
+                shape[i], n = shape[i] * q, n * q
+    return tuple(shape) if n == size else None
 
 
 @dataclass
@@ -27,6 +45,11 @@ class HieraConfig:
     ``masked_unit_size``) must have the same length. ``sep_pos_embed`` selects separate spatial and temporal
     position embeddings, as the official video models use. An impossible configuration raises ``ValueError``
     naming the field when it is constructed.
+
+    ``masked_unit_size`` must be a block that the unroll keeps together: ``query_stride**m`` per dim for some
+    ``m <= len(depths) - 1`` (or one stride level further in the leading dims, e.g. ``(8, 4)``); see
+    :func:`unrolled_window_shape`. Dropping mask units (MAE, ``bool_masked_pos``) also needs
+    ``masked_unit_size == query_stride**(len(depths) - 1)`` (:attr:`supports_masking`).
     """
 
     embed_dim: int = 96
@@ -87,20 +110,41 @@ class HieraConfig:
             raise ValueError(f"HieraConfig.num_query_pool must be in [0, {num_stages - 1}], got {self.num_query_pool}")
         if self.embed_dim < 1 or self.num_channels < 1:
             raise ValueError("HieraConfig.embed_dim and num_channels must be positive")
+        if self.num_labels < 0:
+            raise ValueError(f"HieraConfig.num_labels must be >= 0 (0: no classifier), got {self.num_labels}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"HieraConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"HieraConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for name in ("patch_size", "patch_stride", "query_stride", "masked_unit_size"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"HieraConfig.{name} must be positive, got {getattr(self, name)}")
+        if min(self.patch_padding) < 0:
+            raise ValueError(f"HieraConfig.patch_padding must be >= 0, got {self.patch_padding}")
         for i, (size, stride) in enumerate(zip(self.image_size, self.patch_stride)):
-            if stride < 1 or size % stride:
+            if size % stride:
                 raise ValueError(f"HieraConfig.image_size[{i}]={size} is not divisible by patch_stride[{i}]={stride}")
-        tokens = self.tokens_spatial_shape
+        for i, (k, s, p) in enumerate(zip(self.patch_size, self.patch_stride, self.patch_padding)):
+            if not 0 < k - 2 * p <= s:  # then the conv gives (size + 2p - k) // s + 1 == size // s tokens
+                raise ValueError(f"HieraConfig.patch_size[{i}]={k} and patch_padding[{i}]={p} must satisfy 0 < "
+                                 f"patch_size - 2 * patch_padding <= patch_stride[{i}]={s} so that the patch "
+                                 "embedding gives image_size // patch_stride tokens")
         unrolls = num_stages - 1
-        for i, (t, mu, q) in enumerate(zip(tokens, self.masked_unit_size, self.query_stride)):
-            if q < 1 or mu < 1:
-                raise ValueError(f"HieraConfig.query_stride[{i}] and masked_unit_size[{i}] must be >= 1")
-            if t % mu:
-                raise ValueError(f"HieraConfig.masked_unit_size[{i}]={mu} must divide the token grid "
-                                 f"(image_size // patch_stride = {t})")
-            if mu % q**unrolls:
-                raise ValueError(f"HieraConfig.masked_unit_size[{i}]={mu} must be divisible by query_stride[{i}]={q} "
-                                 f"to the power of the number of stages - 1 ({unrolls})")
+        for i, (t, q) in enumerate(zip(self.tokens_spatial_shape, self.query_stride)):
+            if t % q**unrolls:
+                raise ValueError(f"HieraConfig.image_size[{i}]: the token grid (image_size // patch_stride = {t}) "
+                                 f"must be divisible by query_stride[{i}]**{unrolls} = {q**unrolls}")
+        mu = self.masked_unit_size
+        if unrolled_window_shape(self.query_stride, unrolls, self.flat_mask_unit_size) != mu:
+            raise ValueError(f"HieraConfig.masked_unit_size={mu} is not a block of tokens that the unroll keeps "
+                             f"together: use query_stride**m per dim for some m <= {unrolls}, e.g. "
+                             f"{tuple(q**unrolls for q in self.query_stride)}")
+        for s, depth in enumerate(self.depths):
+            pools = min(s, self.num_query_pool)
+            flags = [self.masked_unit_attention[s - 1 if j == 0 and s > 0 else s] for j in range(depth)]
+            if any(flags) and self.flat_mask_unit_size < self.flat_query_stride**pools:
+                raise ValueError(f"HieraConfig.masked_unit_attention: stage {s + 1} attends within mask units, but "
+                                 f"masked_unit_size={mu} is pooled below one token after {pools} query pools")
         for s, heads in enumerate(self.num_heads):
             dim = self.stage_dims[s]
             if heads < 1 or dim % heads:
@@ -117,6 +161,9 @@ class HieraConfig:
         if self.decoder_hidden_size is not None:
             if not (self.decoder_depth and self.decoder_num_heads):
                 raise ValueError("HieraConfig.decoder_depth and decoder_num_heads are needed with decoder_hidden_size")
+            if min(self.decoder_hidden_size, self.decoder_depth, self.decoder_num_heads) < 1:
+                raise ValueError("HieraConfig.decoder_hidden_size, decoder_depth and decoder_num_heads must be "
+                                 "positive")
             if self.decoder_hidden_size % self.decoder_num_heads:
                 raise ValueError(f"HieraConfig.decoder_num_heads={self.decoder_num_heads} must divide "
                                  f"decoder_hidden_size={self.decoder_hidden_size}")
@@ -126,16 +173,24 @@ class HieraConfig:
         if self.out_features is None and self.out_indices is None:
             self.out_features, self.out_indices = [names[-1]], [len(names) - 1]
         elif self.out_features is None:
-            self.out_indices = [int(i) % len(names) for i in self.out_indices]
+            self.out_indices = self._wrap_out_indices()
             self.out_features = [names[i] for i in self.out_indices]
         else:
             bad = [f for f in self.out_features if f not in names]
             if bad:
                 raise ValueError(f"HieraConfig.out_features has unknown stages {bad}; choose from {names}")
             indices = [names.index(f) for f in self.out_features]
-            if self.out_indices is not None and [int(i) % len(names) for i in self.out_indices] != indices:
+            if self.out_indices is not None and self._wrap_out_indices() != indices:
                 raise ValueError("HieraConfig.out_features and out_indices disagree")
             self.out_features, self.out_indices = list(self.out_features), indices
+
+    def _wrap_out_indices(self) -> list[int]:
+        """``out_indices`` in ``[0, len(stage_names))``; negative ones count from the end, as in transformers."""
+        n = len(self.stage_names)
+        bad = [i for i in self.out_indices if not -n <= int(i) < n]
+        if bad:
+            raise ValueError(f"HieraConfig.out_indices {bad} are out of range [-{n}, {n}) of {self.stage_names}")
+        return [int(i) % n for i in self.out_indices]
 
     # ------------------------------------------------------------------ derived geometry
     @property
@@ -166,6 +221,15 @@ class HieraConfig:
     def flat_mask_unit_size(self) -> int:
         return math.prod(self.masked_unit_size)
 
+    @property
+    def supports_masking(self) -> bool:
+        """Whether whole mask units can be dropped (MAE, ``bool_masked_pos``). The official code reads mask unit
+        ``w`` both as the ``w``-th window of the unrolled layout (token selection, ``Reroll``) and as the ``w``-th
+        unit in raster order (masked patch conv, MAE decoder); the two agree only when every unroll level lies
+        inside a mask unit, ``masked_unit_size == query_stride**(len(depths) - 1)``."""
+        unrolls = len(self.depths) - 1
+        return self.masked_unit_size == tuple(q**unrolls for q in self.query_stride)
+
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict:
         """A transformers-compatible ``config.json`` dict (``model_type="hiera"``)."""
@@ -185,8 +249,14 @@ class HieraConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HieraConfig":
-        """Build from a transformers ``config.json`` dict; keys this class does not model are kept in ``extra``."""
+        """Build from a transformers ``config.json`` dict (``model_type="hiera"``; keys this class does not model are
+        kept in ``extra``) or from timm's (``architecture`` names a Hiera preset, ``num_classes``, ``model_args``)."""
         data = dict(data)
+        if "model_type" not in data and "architecture" in data:
+            return cls._from_timm_dict(data)
+        if data.get("model_type") != "hiera":
+            raise ValueError(f"not a Hiera config: model_type is {data.get('model_type')!r}, expected 'hiera' (a "
+                             "transformers config.json) or timm's 'architecture' key")
         known = {f.name for f in fields(cls)} - {"extra"}
         if "num_labels" not in data and "id2label" in data:
             data["num_labels"] = len(data["id2label"])
@@ -199,8 +269,22 @@ class HieraConfig:
         return cls(**kwargs, extra=extra)
 
     @classmethod
+    def _from_timm_dict(cls, data: dict) -> "HieraConfig":
+        """timm's hub ``config.json``: the preset named by ``architecture`` with timm's ``model_args`` applied."""
+        name = str(data["architecture"]).split(".")[0]  # "hiera_base_224.mae_in1k_ft_in1k" -> "hiera_base_224"
+        args = dict(data.get("model_args") or {})
+        renames = {"num_classes": "num_labels", "img_size": "image_size", "in_chans": "num_channels",
+                   "drop_path_rate": "drop_path_rate"}
+        unknown = sorted(k for k in args if k not in renames and not (k == "global_pool" and args[k] == "avg"))
+        if unknown:
+            raise ValueError(f"timm model_args {unknown} of {name!r} are not supported")
+        kwargs = {renames[k]: v for k, v in args.items() if k in renames}
+        kwargs.setdefault("num_labels", data.get("num_classes", 1000))
+        return cls.from_preset(name, **kwargs)  # an unknown architecture raises there
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "HieraConfig":
-        """Read a transformers ``config.json`` (a file, or a directory holding one)."""
+        """Read a transformers or timm ``config.json`` (a file, or a directory holding one)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

@@ -30,17 +30,20 @@ def _conv_nd(dims: int) -> type[nn.Module]:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval or with p = 0)."""
+    """Stochastic depth per sample (identity in eval or with p = 0), as timm's ``DropPath``."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"DropPath probability must be in [0, 1], got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep_prob = 1 - self.p
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        return x * (keep / keep_prob if keep_prob > 0 else keep)
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
@@ -221,6 +224,11 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
     config: HieraConfig
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (``pixel_values`` must have it outside autocast)."""
+        return next(self.parameters()).dtype
+
+    @property
     def fused(self) -> bool:
         flags = {m.fused for m in self.modules() if isinstance(m, HieraMaskUnitAttention)}
         return flags == {True}
@@ -247,10 +255,17 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
                 nn.init.trunc_normal_(p, std=std)
 
 
-def _check_pixels(config: HieraConfig, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple:
-    """Validate the input and return its token grid."""
+def _check_pixels(config: HieraConfig, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None,
+                  dtype: torch.dtype) -> tuple:
+    """Validate the input (``dtype``: the model's; ``interpolate_pos_encoding=None``: the model runs only at
+    ``config.image_size``) and return its token grid."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+    if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        raise TypeError(f"pixel_values is {pixel_values.dtype} but the model is {dtype}: convert one to the other "
+                        "(or run under torch.autocast)")
     dims = config.spatial_dims
     layout = "[B, C, H, W]" if dims == 2 else "[B, C, T, H, W]"
     if pixel_values.dim() != dims + 2:
@@ -259,16 +274,41 @@ def _check_pixels(config: HieraConfig, pixel_values: torch.Tensor, interpolate_p
         raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the config expects {config.num_channels}")
     size = tuple(pixel_values.shape[2:])
     if size != config.image_size and not interpolate_pos_encoding:
+        hint = ("pass interpolate_pos_encoding=True to run at another size" if interpolate_pos_encoding is not None
+                else "this model runs only at config.image_size (its decoder position embedding is fixed)")
         raise ValueError(f"pixel_values spatial size {size} differs from config.image_size {config.image_size}; "
-                         "pass interpolate_pos_encoding=True to run at another size")
-    tokens = []
-    unit = [mu for mu in config.masked_unit_size]
-    for i, (n, s) in enumerate(zip(size, config.patch_stride)):
-        if n % s or (n // s) % unit[i]:
-            raise ValueError(f"pixel_values size {size}: dim {i} must be a multiple of patch_stride * masked_unit_size"
-                             f" = {s * unit[i]}")
-        tokens.append(n // s)
-    return tuple(tokens)
+                         + hint)
+    unrolls = len(config.depths) - 1
+    for i, (n, s, q) in enumerate(zip(size, config.patch_stride, config.query_stride)):
+        if n % (s * q**unrolls):
+            raise ValueError(f"pixel_values size {size}: dim {i} must be a multiple of patch_stride * "
+                             f"query_stride**{unrolls} = {s * q**unrolls} (the unroll)")
+    return tuple(n // s for n, s in zip(size, config.patch_stride))
+
+
+def _check_masking(config: HieraConfig, who: str) -> None:
+    if not config.supports_masking:
+        unit = tuple(q ** (len(config.depths) - 1) for q in config.query_stride)
+        raise ValueError(f"{who} needs HieraConfig.masked_unit_size == query_stride**(len(depths) - 1) = {unit}, got "
+                         f"{config.masked_unit_size}: only then is mask unit w the w-th window of the unrolled layout "
+                         "(see HieraConfig.supports_masking)")
+
+
+def _check_mask(bool_masked_pos, batch: int, num_windows: int) -> torch.Tensor:
+    if not isinstance(bool_masked_pos, torch.Tensor):
+        raise TypeError(f"bool_masked_pos must be a torch.Tensor, got {type(bool_masked_pos).__name__}")
+    if bool_masked_pos.shape != (batch, num_windows):
+        raise ValueError(f"bool_masked_pos must be [B, #mask units] = {(batch, num_windows)}, "
+                         f"got {tuple(bool_masked_pos.shape)}")
+    return bool_masked_pos.bool()
+
+
+def _num_keep(config: HieraConfig, num_windows: int) -> int:
+    """The number of mask units the MAE keeps visible (transformers' ``len_keep``)."""
+    len_keep = int(num_windows * (1 - config.mask_ratio))
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio {config.mask_ratio} keeps no window out of {num_windows}")
+    return len_keep
 
 
 def _random_masking(config: HieraConfig, batch: int, num_windows: int, noise: torch.Tensor | None, device):
@@ -276,11 +316,11 @@ def _random_masking(config: HieraConfig, batch: int, num_windows: int, noise: to
 
     Returns ``(bool_masked_pos [B, #MUs] True = visible, ids_restore [B, #MUs], keep_ids [B, len_keep] ascending)``.
     """
-    len_keep = int(num_windows * (1 - config.mask_ratio))
-    if len_keep < 1:
-        raise ValueError(f"mask_ratio {config.mask_ratio} keeps no window out of {num_windows}")
+    len_keep = _num_keep(config, num_windows)
     if noise is None:
         noise = torch.rand(batch, num_windows, device=device)
+    elif not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     elif noise.shape != (batch, num_windows):
         raise ValueError(f"noise must be [batch, num_mask_units] = {(batch, num_windows)}, got {tuple(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -292,12 +332,25 @@ def _random_masking(config: HieraConfig, batch: int, num_windows: int, noise: to
     return keep, ids_restore, keep_ids
 
 
-def _keep_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending visible-window indices of a user keep-mask ``[B, #MUs]``; every row must keep as many."""
-    counts = mask.sum(1)
-    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-        raise ValueError("bool_masked_pos must keep the same, non-zero number of mask units in every sample")
-    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
+def _keep_ids_from_mask(mask: torch.Tensor, num_keep: int | None = None) -> torch.Tensor:
+    """Ascending visible-window indices ``[B, K]`` of a keep-mask ``[B, #MUs]``; every row must keep K.
+
+    Given ``num_keep`` (K known beforehand), the shape does not depend on the mask's values and the mask is checked
+    only in eager mode, so ``torch.compile(fullgraph=True)`` traces it. Without it, K is read from the mask: a host
+    sync that torch.compile cannot trace.
+    """
+    compiling = torch.compiler.is_compiling()
+    if num_keep is None:
+        if compiling:
+            raise ValueError("the number of visible mask units of bool_masked_pos is data: under torch.compile pass "
+                             "keep_ids= too")
+        num_keep = int(mask[0].sum())
+    if not compiling:
+        counts = mask.sum(1)
+        if num_keep == 0 or not bool((counts == num_keep).all()):
+            raise ValueError(f"bool_masked_pos must keep the same, non-zero number of mask units in every sample "
+                             f"({num_keep} expected), got {counts.tolist()}")
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :num_keep]
 
 
 def stage_geometry(config: HieraConfig, tokens: Sequence[int], stage: int) -> tuple[list[int], list]:
@@ -312,7 +365,12 @@ class HieraModel(HieraPreTrainedModel):
     """The Hiera encoder: embeddings → unroll → (drop masked windows) → stages → mean-pool + LayerNorm.
 
     ``is_mae=True`` masks a random ``config.mask_ratio`` of the mask units (``noise`` makes it reproducible), as
-    transformers' MAE encoder; ``bool_masked_pos`` (True = visible) masks explicitly, as the official ``mask=``.
+    transformers' MAE encoder; ``bool_masked_pos`` (True = visible) masks explicitly, as the official ``mask=``, with
+    any number of visible units (the same in every sample). Masking needs :attr:`HieraConfig.supports_masking`.
+
+    Shapes: with ``noise`` or no mask they never depend on data. With ``bool_masked_pos`` the output has as many
+    tokens as the mask keeps, which is read from the mask (a device-to-host sync) unless ``keep_ids`` is passed too;
+    ``torch.compile(fullgraph=True)`` needs ``keep_ids`` (HieraForPreTraining passes them).
     """
 
     _checkpoint_prefix = ""
@@ -320,6 +378,8 @@ class HieraModel(HieraPreTrainedModel):
     def __init__(self, config: HieraConfig, fused: bool = False, *, add_pooling_layer: bool = True,
                  is_mae: bool = False):
         super().__init__()
+        if is_mae:
+            _check_masking(config, "HieraModel(is_mae=True)")
         self.config, self.is_mae = config, is_mae
         self.embeddings = HieraEmbeddings(config)
         self.encoder = HieraEncoder(config)
@@ -335,21 +395,28 @@ class HieraModel(HieraPreTrainedModel):
                 bool_masked_pos: torch.Tensor | None = None, output_hidden_states: bool = False,
                 interpolate_pos_encoding: bool = False, return_dict: bool = True, *,
                 keep_ids: torch.Tensor | None = None):
-        """``keep_ids`` (``[B, K]`` ascending visible-window ids matching ``bool_masked_pos``) lets a caller that
-        already knows them skip the host sync of reading them off the mask."""
+        """``keep_ids`` (``[B, K]`` ascending visible-window ids of ``bool_masked_pos``, e.g.
+        ``torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]``) fixes K without reading it off the
+        mask; in eager mode they are checked against the mask."""
         config = self.config
-        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding)
+        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
         mask_shape = [t // mu for t, mu in zip(tokens, config.masked_unit_size)]
         num_windows, B = math.prod(mask_shape), pixel_values.shape[0]
         ids_restore = None
         if keep_ids is not None and bool_masked_pos is None:
             raise ValueError("keep_ids needs the bool_masked_pos it was taken from")
+        if noise is not None and not self.is_mae:
+            raise ValueError("noise drives the random masking of an MAE encoder (is_mae=True); this one has none")
+        if noise is not None and bool_masked_pos is not None:
+            raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         if bool_masked_pos is not None:
-            if bool_masked_pos.shape != (B, num_windows):
-                raise ValueError(f"bool_masked_pos must be [B, #mask units] = {(B, num_windows)}, "
-                                 f"got {tuple(bool_masked_pos.shape)}")
-            bool_masked_pos = bool_masked_pos.bool()
-            keep_ids = _keep_ids_from_mask(bool_masked_pos) if keep_ids is None else keep_ids
+            _check_masking(config, "bool_masked_pos")
+            bool_masked_pos = _check_mask(bool_masked_pos, B, num_windows)
+            if keep_ids is None:
+                keep_ids = _keep_ids_from_mask(bool_masked_pos)
+            elif not torch.compiler.is_compiling() and not torch.equal(
+                    keep_ids, _keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1])):
+                raise ValueError("keep_ids must be the ascending visible-unit ids of bool_masked_pos")
         elif self.is_mae:
             bool_masked_pos, ids_restore, keep_ids = self.random_masking(B, num_windows, noise, pixel_values.device)
 
@@ -395,12 +462,34 @@ class HieraForImageClassification(HieraPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, interpolate_pos_encoding: bool = False, return_dict: bool = True):
+        if labels is not None:
+            _check_labels(labels, pixel_values.shape[0], self.config.num_labels)
         outputs = self.hiera(pixel_values, output_hidden_states=output_hidden_states,
                              interpolate_pos_encoding=interpolate_pos_encoding)
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else _classification_loss(logits, labels, self.config.num_labels)
         out = HieraForImageClassificationOutput(loss, logits, outputs.hidden_states, outputs.reshaped_hidden_states)
         return out if return_dict else out.to_tuple()
+
+
+def _check_labels(labels, batch: int, num_labels: int) -> None:
+    """transformers' three label kinds, each with its shape: regression ``[B]``/``[B, 1]`` (one label), class ids
+    ``[B]`` (int64/int32), multi-hot ``[B, num_labels]`` (floating point)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if num_labels < 1:
+        raise ValueError("labels need a classifier: the config has num_labels=0")
+    if num_labels == 1:
+        kind, shapes = "regression targets", [(batch,), (batch, 1)]
+    elif labels.dtype in (torch.long, torch.int):
+        kind, shapes = "class ids", [(batch,)]
+    elif labels.is_floating_point():
+        kind, shapes = "multi-hot targets", [(batch, num_labels)]
+    else:
+        raise TypeError(f"labels must be int64/int32 class ids or floating-point targets, got {labels.dtype}")
+    if tuple(labels.shape) not in shapes:
+        raise ValueError(f"labels as {kind} must have shape {' or '.join(map(str, shapes))}, "
+                         f"got {tuple(labels.shape)}")
 
 
 def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -475,13 +564,20 @@ class HieraDecoder(nn.Module):
 class HieraForPreTraining(HieraPreTrainedModel):
     """Hiera MAE: masked encoder → multi-scale fusion → LayerNorm → decoder → normalized-pixel MSE on masked patches.
 
-    Masking keeps a fixed number of windows (gather/scatter, no boolean indexing), so shapes never depend on data.
+    Masking keeps a fixed number of windows, ``int(#mask units * (1 - mask_ratio))`` (gather/scatter, no boolean
+    indexing), so shapes never depend on data: a ``bool_masked_pos`` must keep exactly that many units per sample.
+    It runs only at ``config.image_size``.
     """
 
     _checkpoint_prefix = "hiera."
 
     def __init__(self, config: HieraConfig, fused: bool = False):
         super().__init__()
+        _check_masking(config, "HieraForPreTraining")
+        num_windows = math.prod(t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size))
+        if _num_keep(config, num_windows) == num_windows:
+            raise ValueError(f"HieraConfig.mask_ratio={config.mask_ratio} masks none of the {num_windows} mask units: "
+                             "the reconstruction loss would be empty")
         self.config = config
         self.hiera = HieraModel(config, add_pooling_layer=False, is_mae=True)
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -495,14 +591,17 @@ class HieraForPreTraining(HieraPreTrainedModel):
                 bool_masked_pos: torch.Tensor | None = None, output_hidden_states: bool = False,
                 return_dict: bool = True):
         config = self.config
-        _check_pixels(config, pixel_values, False)
+        _check_pixels(config, pixel_values, None, self.dtype)
         num_windows = math.prod([t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size)])
         ids_restore = None
         if bool_masked_pos is None:
             bool_masked_pos, ids_restore, keep_ids = self.hiera.random_masking(
                 pixel_values.shape[0], num_windows, noise, pixel_values.device)
+        elif noise is not None:
+            raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         else:
-            keep_ids = _keep_ids_from_mask(bool_masked_pos.bool())
+            bool_masked_pos = _check_mask(bool_masked_pos, pixel_values.shape[0], num_windows)
+            keep_ids = _keep_ids_from_mask(bool_masked_pos, _num_keep(config, num_windows))
         out = self.hiera(pixel_values, bool_masked_pos=bool_masked_pos, keep_ids=keep_ids, output_hidden_states=True)
         maps = out.reshaped_hidden_states
         maps = maps[1: config.num_query_pool + 1] + maps[-1:]  # pooled stages + last, [B, K, *mu_s, C_s]
@@ -566,7 +665,7 @@ class HieraBackbone(HieraPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
                 interpolate_pos_encoding: bool = False, return_dict: bool = True):
         config = self.config
-        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding)
+        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
         x = self.embeddings(pixel_values, None, None, tokens)
         x = unroll(x, tokens, [config.query_stride] * (len(config.depths) - 1))
         hidden = (x, *self.encoder(x))

@@ -24,6 +24,11 @@ _HEAD_PREFIXES = ("classifier.", "pooler.", "encoder_norm.", "multiscale_fusion.
 _ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
 _BLOCK_RENAMES = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after."}
+# the official Hiera / MaskedAutoencoderHiera constructor arguments (its hub-mixin config.json holds the ones passed)
+_OFFICIAL_ARGS = {"input_size", "in_chans", "embed_dim", "num_heads", "num_classes", "stages", "q_pool", "q_stride",
+                  "mask_unit_size", "mask_unit_attn", "dim_mul", "head_mul", "patch_kernel", "patch_stride",
+                  "patch_padding", "mlp_ratio", "drop_path_rate", "norm_layer", "head_dropout", "head_init_scale",
+                  "sep_pos_embed", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
 
 
 # ------------------------------------------------------------------------------------------------ key maps
@@ -121,6 +126,18 @@ def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     return HieraConfig(**kwargs)
 
 
+def config_from_json(raw: dict[str, Any]) -> HieraConfig:
+    """A ``config.json`` of transformers (``model_type``), timm (``architecture``) or the official hub mixin (only
+    the constructor arguments that were passed, so possibly none of ``stages``, ``q_pool``, ...)."""
+    if "model_type" in raw or "architecture" in raw:
+        return HieraConfig.from_dict(raw)
+    unknown = sorted(set(raw) - _OFFICIAL_ARGS)
+    if unknown:
+        raise ValueError(f"config.json is not a Hiera config of transformers (model_type), timm (architecture) or the "
+                         f"official package (constructor arguments): unknown keys {unknown}")
+    return official_config_to_hiera_config(raw)
+
+
 # ------------------------------------------------------------------------------------------------ files
 def _read_state_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
@@ -165,7 +182,7 @@ def load_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if os.path.isfile(config_path):
         with open(config_path) as f:
             raw = json.load(f)
-        config = official_config_to_hiera_config(raw) if "stages" in raw else HieraConfig.from_dict(raw)
+        config = config_from_json(raw)
     return _read_state_file(weights[0]), config
 
 

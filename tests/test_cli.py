@@ -102,6 +102,8 @@ BAD = [
     (["check", "--heads", "cls,foo"], "unknown head"),
     (["bench", "--batch", "x"], "invalid int"),
     (["bench", "--batch", "0"], "--batch"),
+    (["check", "--batch", "0"], "--batch"),
+    (["check", "--batch", "-1"], "--batch"),
     (["frobnicate"], "invalid choice"),
     pytest.param(["bench", "--compile"], "needs CUDA", marks=pytest.mark.skipif(CUDA, reason="CPU-only error")),
     pytest.param(["bench", "--cudagraphs"], "needs CUDA", marks=pytest.mark.skipif(CUDA, reason="CPU-only error")),

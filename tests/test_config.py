@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import hiera_fast as H
 
@@ -52,8 +53,27 @@ def test_unknown_preset():
 
 @pytest.mark.parametrize("overrides, field", [
     (dict(image_size=(225, 224)), "image_size"),
-    (dict(image_size=(72, 72)), "masked_unit_size"),  # 18 tokens, not a multiple of 8
-    (dict(masked_unit_size=(4, 4)), "masked_unit_size"),  # must be divisible by 2**3
+    (dict(image_size=(72, 72)), "image_size"),  # 18 tokens, not a multiple of 2**3 (the unroll)
+    (dict(image_size=(256, 256), masked_unit_size=(16, 16)), "masked_unit_size"),  # beyond the 8x8 unrolled block
+    (dict(masked_unit_size=(4, 8)), "masked_unit_size"),  # its 32-token windows are 8x4 blocks
+    (dict(depths=(1, 1), num_heads=(1, 2), masked_unit_attention=(True, False), num_query_pool=1),
+     "masked_unit_size"),  # one unroll: 2x2 blocks, not 8x8
+    (dict(masked_unit_size=(4, 4), masked_unit_attention=(True, True, True, False)),
+     "masked_unit_attention"),  # stage 4 attends within 4x4 units pooled three times: below one token
+    (dict(masked_unit_size=(0, 8)), "masked_unit_size"),
+    (dict(drop_path_rate=1.0), "drop_path_rate"),
+    (dict(drop_path_rate=-0.1), "drop_path_rate"),
+    (dict(patch_size=(0, 7)), "patch_size"),
+    (dict(patch_stride=(4, 0)), "patch_stride"),
+    (dict(patch_padding=(-1, 3)), "patch_padding"),
+    (dict(patch_padding=(0, 0)), "patch_padding"),  # a 7x7 conv without padding gives 55, not 56, tokens
+    (dict(patch_size=(11, 11)), "patch_size"),  # 55 tokens
+    (dict(num_labels=-1), "num_labels"),
+    (dict(mlp_ratio=0.0), "mlp_ratio"),
+    (dict(image_size="224"), "image_size"),
+    (dict(out_indices=[5]), "out_indices"),
+    (dict(out_indices=[-6]), "out_indices"),
+    (dict(decoder_hidden_size=16, decoder_depth=-1, decoder_num_heads=2), "decoder_depth"),
     (dict(num_heads=(1, 2, 5, 8)), "num_heads"),
     (dict(num_heads=(1, 2, 4)), "num_heads"),
     (dict(num_query_pool=4), "num_query_pool"),
@@ -68,6 +88,50 @@ def test_unknown_preset():
 def test_bad_configs_raise_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         H.HieraConfig(**overrides)
+
+
+@pytest.mark.parametrize("image_size, patch_size, patch_stride, patch_padding", [
+    ((224, 224), (7, 7), (4, 4), (3, 3)), ((64, 64), (4, 4), (4, 4), (0, 0)), ((64, 64), (5, 3), (4, 2), (1, 1)),
+    ((64, 64), (7, 7), (4, 4), (0, 0)), ((64, 64), (9, 9), (4, 4), (3, 3)), ((64, 64), (11, 11), (4, 4), (3, 3)),
+    ((64, 64), (3, 3), (4, 4), (1, 1)),
+])
+def test_patch_geometry_matches_the_conv(image_size, patch_size, patch_stride, patch_padding):
+    """Accepted exactly when the real patch-embedding conv gives image_size // patch_stride tokens."""
+    conv = torch.nn.Conv2d(1, 1, patch_size, patch_stride, patch_padding)
+    tokens = tuple(conv(torch.zeros(1, 1, *image_size)).shape[2:])
+    kwargs = dict(image_size=image_size, patch_size=patch_size, patch_stride=patch_stride, patch_padding=patch_padding,
+                  depths=(1, 1), num_heads=(1, 2), masked_unit_size=(2, 2), masked_unit_attention=(False, False),
+                  num_query_pool=1)
+    if tokens == tuple(i // s for i, s in zip(image_size, patch_stride)):
+        assert H.HieraConfig(**kwargs).tokens_spatial_shape == tokens
+    else:
+        with pytest.raises(ValueError, match="patch_size"):
+            H.HieraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("out_indices", [[-1], [0, -2], [-5, 4], [5], [-6], [1, 7]])
+def test_out_indices_like_transformers(out_indices):
+    transformers = pytest.importorskip("transformers")
+    try:
+        theirs = transformers.HieraConfig(out_indices=out_indices).out_features
+    except (ValueError, IndexError):  # transformers: ValueError for 5, IndexError for -6
+        with pytest.raises(ValueError, match="out_indices"):
+            H.HieraConfig(out_indices=out_indices)
+    else:
+        assert H.HieraConfig(out_indices=out_indices).out_features == theirs
+
+
+def test_from_dict_rejects_other_models():
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="model_type is 'vit'"):
+        H.HieraConfig.from_dict(transformers.ViTConfig().to_dict())
+    with pytest.raises(ValueError, match="model_type"):
+        H.HieraConfig.from_dict({"embed_dim": 96})
+    assert H.HieraConfig.from_dict(transformers.HieraConfig(embed_dim=64).to_dict()).embed_dim == 64
+    with pytest.raises(ValueError, match="unknown Hiera preset"):  # timm's windowed-position variant
+        H.HieraConfig.from_dict({"architecture": "hiera_small_abswin_256", "num_classes": 5})
+    with pytest.raises(ValueError, match="model_args"):
+        H.HieraConfig.from_dict({"architecture": "hiera_tiny_224", "model_args": {"embed_dim": 64}})
 
 
 def test_config_json_round_trip(tmp_path):

@@ -41,6 +41,23 @@ def test_video_model_wants_rank_5():
         H.HieraModel(tiny_video_config())(torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float64])
+def test_pixel_values_dtype(model, dtype):
+    with pytest.raises(TypeError, match="pixel_values"):
+        model(torch.zeros(1, 3, 64, 64, dtype=dtype))
+
+
+@pytest.mark.parametrize("labels, error", [
+    (torch.randint(0, 7, (2, 3)), ValueError),  # class ids are [B]
+    (torch.tensor([0, 1], dtype=torch.int16), TypeError),
+    (torch.rand(2, 5), ValueError),  # multi-hot targets are [B, num_labels]
+    ([0, 1], TypeError),
+])
+def test_bad_labels(model, labels, error):
+    with pytest.raises(error, match="labels"):
+        model(torch.randn(2, 3, 64, 64), labels=labels)
+
+
 def test_bad_masks_and_noise():
     model = H.HieraModel(tiny_image_config())
     x = torch.randn(2, 3, 64, 64)
@@ -48,8 +65,44 @@ def test_bad_masks_and_noise():
         model(x, bool_masked_pos=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="same, non-zero number"):
         model(x, bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool_masked_pos"):
+        model(x, bool_masked_pos=[[1, 0, 1, 0]] * 2)
+    with pytest.raises(ValueError, match="is_mae"):
+        model(x, noise=torch.rand(2, 4))
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep_ids"):
+        model(x, bool_masked_pos=mask, keep_ids=torch.tensor([[0, 2], [1, 3]]))
     with pytest.raises(ValueError, match="noise"):
         H.HieraForPreTraining(tiny_mae_config())(x, noise=torch.rand(2, 3))
+
+
+@pytest.fixture(scope="module")
+def mae():
+    return H.HieraForPreTraining(tiny_mae_config())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(noise=[[0.1] * 4] * 2), TypeError, "noise"),
+    (dict(bool_masked_pos=[[1, 0, 0, 0]] * 2), TypeError, "bool_masked_pos"),
+    (dict(bool_masked_pos=torch.tensor([True, False, False, False])), ValueError, "bool_masked_pos"),
+    (dict(bool_masked_pos=torch.ones(2, 4, dtype=torch.bool)), ValueError, "bool_masked_pos"),  # nothing masked
+    (dict(bool_masked_pos=torch.tensor([[1, 1, 0, 0]] * 2).bool()), ValueError, "1 expected"),  # mask_ratio: keep 1
+    (dict(noise=torch.rand(2, 4), bool_masked_pos=torch.tensor([[1, 0, 0, 0]] * 2).bool()), ValueError, "not both"),
+])
+def test_bad_mae_masks_and_noise(mae, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mae(torch.randn(2, 3, 64, 64), **kwargs)
+
+
+def test_mae_runs_only_at_its_size(mae):
+    with pytest.raises(ValueError, match="config.image_size") as err:
+        mae(torch.randn(1, 3, 96, 96))
+    assert "interpolate_pos_encoding" not in str(err.value)  # HieraForPreTraining has no such argument
+
+
+def test_mae_needs_a_masked_unit():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.0))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -33,9 +33,14 @@ def test_model_matches_transformers(tmp_path):
         assert p.shape == q.shape and max_abs(p, q) <= 1e-4
 
 
-def test_classifier_matches_transformers(tmp_path):
-    theirs, ours = _pair(transformers.HieraForImageClassification, H.HieraForImageClassification, tmp_path)
-    x, labels = torch.randn(3, 3, 64, 64), torch.randint(0, 5, (3,))
+@pytest.mark.parametrize("kind", ["class ids", "multi-hot", "regression"])
+def test_classifier_matches_transformers(tmp_path, kind):
+    num_labels = 1 if kind == "regression" else 5
+    theirs, ours = _pair(transformers.HieraForImageClassification, H.HieraForImageClassification, tmp_path,
+                         num_labels=num_labels)
+    x = torch.randn(3, 3, 64, 64)
+    labels = {"class ids": torch.randint(0, 5, (3,)), "multi-hot": torch.randint(0, 2, (3, 5)).float(),
+              "regression": torch.randn(3)}[kind]
     with torch.no_grad():
         a, b = theirs(x, labels=labels), ours(x, labels=labels)
     assert max_abs(a.logits, b.logits) <= 1e-4
@@ -63,9 +68,12 @@ def test_transformers_reads_our_save(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert max_abs(theirs(x).logits, ours(x).logits) <= 1e-4
+    assert theirs.state_dict().keys() == ours.state_dict().keys()  # our names are transformers' names
     again = H.HieraForImageClassification.from_pretrained(tmp_path)
-    for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2)
+    mine, loaded = ours.state_dict(), again.state_dict()
+    assert mine.keys() == loaded.keys()
+    for k, v in mine.items():
+        assert torch.equal(v, loaded[k]), k
 
 
 def test_transformers_backbone_skips_unroll_ours_does_not(tmp_path):

@@ -16,8 +16,10 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     again = H.HieraForPreTraining.from_pretrained(tmp_path)
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2)
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k, v in mine.items():
+        assert torch.equal(v, theirs[k]), k
 
 
 def test_bare_state_dict_needs_config(tmp_path):
@@ -85,6 +87,26 @@ def test_official_hub_mixin_directory(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert max_abs(ours(x).logits, official(x)) <= 1e-4
+
+
+def test_official_hub_mixin_directory_with_default_stages(tmp_path):
+    """The hub mixin writes only the arguments that were passed: no ``stages`` here (Hiera-B's depths)."""
+    hiera = pytest.importorskip("hiera")
+    official = randomize_(hiera.Hiera(input_size=(64, 64), embed_dim=16, num_heads=1, num_classes=5), std=0.1).train()
+    official.save_pretrained(tmp_path)
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path)
+    assert ours.config.depths == (2, 3, 16, 3) and ours.config.image_size == (64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert max_abs(ours(x).logits, official(x)) <= 1e-4
+
+
+def test_foreign_config_json_is_an_error(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    H.HieraModel(tiny_image_config()).save_pretrained(tmp_path)
+    transformers.ViTConfig().save_pretrained(tmp_path)  # replaces config.json
+    with pytest.raises(ValueError, match="model_type is 'vit'"):
+        H.HieraModel.from_pretrained(tmp_path)
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
