@@ -51,9 +51,16 @@ def gpu_setup(config: pytest.Config) -> Setup:
     pytest.skip(NO_CUDA_REASON)
 
 
-def first_run_or_skip(step: Callable[[], object], impl: str, batch: int) -> None:
+def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
+                      device: torch.device | None = None) -> int | None:
     """Run ``step`` once (compiles, warms up, allocates optimizer state) before timing. Out of memory is a skip;
-    so is a peer implementation that cannot run here (with its reason); our own variants must run."""
+    so is a peer implementation that cannot run here (with its reason); our own variants must run.
+
+    Returns the peak bytes torch allocated on a CUDA ``device`` during that run (else None): the memory figure of a
+    CUDA-graph variant, whose replays allocate nothing that ``max_memory_allocated`` sees (:func:`graph_memory`)."""
+    if device is not None and device.type == "cuda":
+        bench.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         step()
     except torch.OutOfMemoryError:
@@ -63,6 +70,19 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int) -> None
         if impl not in bench.PEER_IMPLS:
             raise
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    if device is not None and device.type == "cuda":
+        bench.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def graph_memory(benchmark, impl: str, first_run_peak: int | None) -> None:
+    """A CUDA-graph variant's peak memory is that of its first (warm-up) run: replays reuse the graphs' pool."""
+    if bench.COMPILE_MODES.get(impl) == "reduce-overhead" and first_run_peak is not None:
+        benchmark.extra_info["peak_memory_bytes"] = first_run_peak
+        benchmark.extra_info["note"] = ((benchmark.extra_info.get("note") or "") +
+                                        "; peak memory of the first (warm-up) run: graph replays allocate from the "
+                                        "graphs' pool, which torch's counter does not see").lstrip("; ")
 
 
 def record(benchmark, setup: Setup | None, **info) -> None:
@@ -94,7 +114,11 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
         bench.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
 
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    try:
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    except KeyboardInterrupt:  # a step's time limit (gpu_session.sh): a row with no data would make pytest-benchmark
+        benchmark.has_error = True  # fail writing the JSON of every finished case (KeyboardInterrupt skips has_error)
+        raise
     timed = times[-rounds:]
     if do_bench and device.type == "cuda":
         median = bench.time_ms(fn, device, grad_to_none=grad_to_none)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import first_run_or_skip, measure, record, smoke_requested
+from benchmarks.common import first_run_or_skip, graph_memory, measure, record, smoke_requested
 from hiera_fast import bench
 
 SIZES = ("tiny", "small", "base", "base_plus", "large", "huge")
@@ -44,10 +44,11 @@ def test_inference(benchmark, gpu, name, batch, impl):
         pytest.skip(str(err))
     x = bench.make_input(config, batch, device, dtype)
     step = bench.inference_step(variant, x)
-    first_run_or_skip(step, impl, batch)  # compile + warm-up before timing
+    first_peak = first_run_or_skip(step, impl, batch, device)  # compile + warm-up before timing
     record(benchmark, gpu, suite="model", model=name, case=f"{name} b{batch}", impl=impl, dtype=dtype, batch=batch,
            shape=list(x.shape), mode="inference", unit=bench.item_unit(config), note=variant.note)
     ms = measure(benchmark, step, device, rounds=2 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 3)
     benchmark.extra_info["items_per_s"] = batch / (ms * 1e-3)
+    graph_memory(benchmark, impl, first_peak)
     del variant, step, x
     bench.free_memory()

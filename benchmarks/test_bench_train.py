@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import first_run_or_skip, measure, record, smoke_requested
+from benchmarks.common import first_run_or_skip, graph_memory, measure, record, smoke_requested
 from hiera_fast import bench
 
 CASES = (("mae_hiera_base_224", 128),)
-IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs", "official", "hiera-optim", "transformers")
+# baselines first: a time-limited run (gpu_session.sh) loses the last cases, and the compiled ones take longest
+IMPLS = ("eager", "official", "hiera-optim", "fused", "fused+cudagraphs", "fused+compile", "transformers")
 
 
 def pytest_generate_tests(metafunc):
@@ -35,12 +36,13 @@ def test_mae_train_step(benchmark, gpu, name, batch, impl):
         pytest.skip(str(err))
     x = bench.make_input(config, batch, device)
     step = bench.train_step(variant, x, dtype)
-    first_run_or_skip(step, impl, batch)  # compile + warm-up before timing
+    first_peak = first_run_or_skip(step, impl, batch, device)  # compile + warm-up before timing
     mode = f"train (forward + backward + AdamW{', autocast' if gpu.cuda else ''})"
     record(benchmark, gpu, suite="train", model=name, case=f"{name} b{batch} MAE step", impl=impl, dtype=dtype,
            batch=batch, shape=list(x.shape), mode=mode,
            unit=bench.item_unit(config), note=variant.note)
     ms = measure(benchmark, step, device, rounds=2 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 3)
     benchmark.extra_info["items_per_s"] = batch / (ms * 1e-3)
+    graph_memory(benchmark, impl, first_peak)
     del variant, step, x
     bench.free_memory()

@@ -33,6 +33,8 @@ from . import __version__, ops
 from .config import PRESETS, HieraConfig
 
 PEAK_BANDWIDTH = 3.0e12  # bytes/s: H100 copy bandwidth measured for DESIGN.md §5
+# device-to-device copy bandwidth (bytes read + written per second) measured on the GPUs this project is lent
+MEASURED_COPY_BANDWIDTH = {"H200": 4.3e12, "H100": 3.0e12}
 L2_BYTES = 50 * 2**20
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -205,10 +207,18 @@ def batch_past_l2(geometry: AttentionGeometry, base: int, dtype: torch.dtype, ca
     return min(batch, cap)
 
 
-def bandwidth(bytes_moved: float, ms: float) -> dict:
-    """``{"gb_per_s", "pct_of_peak"}`` for a byte count moved in ``ms`` milliseconds (peak: 3.0 TB/s)."""
+def peak_bandwidth(device: torch.device | str) -> float:
+    """Bytes/s to compare a kernel with: the measured copy bandwidth of this GPU model (H200 4.3 TB/s, H100 3.0 TB/s),
+    the H100's for any other device."""
+    name = device_name(device)
+    return next((bw for key, bw in MEASURED_COPY_BANDWIDTH.items() if key in name), PEAK_BANDWIDTH)
+
+
+def bandwidth(bytes_moved: float, ms: float, peak: float = PEAK_BANDWIDTH) -> dict:
+    """``{"gb_per_s", "pct_of_peak", "peak_tbps"}`` for a byte count moved in ``ms`` milliseconds against ``peak``
+    bytes/s (:func:`peak_bandwidth` of the device)."""
     per_s = bytes_moved / (ms * 1e-3)
-    return {"gb_per_s": per_s / 1e9, "pct_of_peak": 100.0 * per_s / PEAK_BANDWIDTH}
+    return {"gb_per_s": per_s / 1e9, "pct_of_peak": 100.0 * per_s / peak, "peak_tbps": peak / 1e12}
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -38,3 +38,29 @@ def test_every_model_impl_builds_or_says_why():
     assert set(bench.COMPILE_MODES) <= set(bench.MODEL_IMPLS)
     with pytest.raises(ValueError, match="unknown implementation"):
         bench.build_variant("hiera_tiny_224", "fused+jit", "cpu")
+
+
+@pytest.mark.parametrize("name, tbps", [("NVIDIA H200", 4.3), ("NVIDIA H100 80GB HBM3", 3.0), ("NVIDIA A100", 3.0)])
+def test_peak_bandwidth_follows_the_gpu(monkeypatch, name, tbps):
+    """% of peak is against the GPU that ran (an H200 has ~1.4x an H100's bandwidth), H100's for unknown ones."""
+    monkeypatch.setattr(bench, "device_name", lambda device: name)
+    assert bench.peak_bandwidth("cuda") == tbps * 1e12
+    row = bench.bandwidth(tbps * 1e12 / 2 * 1e-3, 1.0, bench.peak_bandwidth("cuda"))  # half the peak for 1 ms
+    assert row["pct_of_peak"] == pytest.approx(50.0) and row["peak_tbps"] == tbps
+
+
+def test_interrupted_measurement_marks_the_row_failed():
+    """SIGINT (a step's time limit) inside pytest-benchmark's timing loop leaves a row without data, which made it fail
+    writing the whole JSON; the row is marked as an error so only the finished rows are written."""
+    from benchmarks.common import measure
+
+    class InterruptedBenchmark:
+        has_error, extra_info = False, {}
+
+        def pedantic(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    benchmark = InterruptedBenchmark()
+    with pytest.raises(KeyboardInterrupt):
+        measure(benchmark, lambda: None, torch.device("cpu"), rounds=1)
+    assert benchmark.has_error
