@@ -54,12 +54,17 @@ def test_video_matches_official(tmp_path):
         assert max_abs(ours(x).logits, official(x)) <= 1e-4
 
 
-def test_mae_matches_official(tmp_path):
+def _tiny_mae_pair(tmp_path):
+    """A random official ``MaskedAutoencoderHiera`` of :func:`tiny_mae_config` and our model loaded from it."""
     cfg = tiny_mae_config()
     official = randomize_(hiera.MaskedAutoencoderHiera(
         input_size=cfg.image_size, embed_dim=16, num_heads=1, stages=cfg.depths, q_pool=2, decoder_embed_dim=16,
         decoder_depth=1, decoder_num_heads=2), std=0.1)
-    ours = _load(H.HieraForPreTraining, official, cfg, tmp_path)
+    return official, _load(H.HieraForPreTraining, official, cfg, tmp_path)
+
+
+def test_mae_matches_official(tmp_path):
+    official, ours = _tiny_mae_pair(tmp_path)
     x = torch.randn(3, 3, 64, 64)
     noise = torch.rand(3, 4)
     out = ours(x, noise=noise)
@@ -231,11 +236,7 @@ def test_mae_mask_unit_4x4_three_stages_matches_official(tmp_path):
 def test_compiled_masking_matches_official(tmp_path):
     """bool_masked_pos under torch.compile(fullgraph=True): HieraForPreTraining's shapes come from mask_ratio;
     HieraModel's from keep_ids (without them it names keep_ids instead of tracing a data-dependent count)."""
-    cfg = tiny_mae_config()
-    official = randomize_(hiera.MaskedAutoencoderHiera(
-        input_size=cfg.image_size, embed_dim=16, num_heads=1, stages=cfg.depths, q_pool=2, decoder_embed_dim=16,
-        decoder_depth=1, decoder_num_heads=2), std=0.1)
-    ours = _load(H.HieraForPreTraining, official, cfg, tmp_path)
+    official, ours = _tiny_mae_pair(tmp_path)
     x = torch.randn(3, 3, 64, 64)
     mask = torch.rand(3, 4).argsort(1) < 1  # mask_ratio 0.6 keeps int(4 * 0.4) = 1 unit
     torch._dynamo.reset()
