@@ -58,10 +58,9 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
 
     Returns the peak bytes torch allocated on a CUDA ``device`` during that run (else None): the memory figure of a
     CUDA-graph variant, whose replays allocate nothing that ``max_memory_allocated`` sees (:func:`graph_memory`)."""
-    if device is not None and device.type == "cuda":
-        bench.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     try:
+        if device is not None and device.type == "cuda":
+            return bench.peak_memory(step, device)  # runs step once, measured
         step()
     except torch.OutOfMemoryError:
         bench.free_memory()
@@ -70,9 +69,6 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
         if impl not in bench.PEER_IMPLS:
             raise
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    if device is not None and device.type == "cuda":
-        bench.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
     return None
 
 
