@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
 #
+# STEPS (default "gpu-tests bench-train bench-ops bench-models"; "profile" adds benchmarks/profile_train.py's tables to
+# session.log) picks and orders the measured steps; LIMIT_<STEP> overrides a step's limit, TESTS_K / TRAIN_K the -k of
+# the gpu tests / the training benchmark.
 # BUDGET (seconds, default 540) bounds the whole script; steps run most important first and each is cut to what is
 # left. Writes at most 8 files into OUT_DIR (the device tool brings back 8): session.log (every step's output, with its
 # exit code and seconds), ops.json, train.json, models.json (pytest-benchmark) and ops.md, train.md, models.md
@@ -67,14 +70,29 @@ command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
 # ordered most important first too (bf16 before fp32, the baselines before the compiled variants).
 export RESERVE=30
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
-step gpu-tests 110 "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py
-step bench-train 200 "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
-    -k "eager or (fused and not compile) or official or optim" --benchmark-json="$out/train.json"
-step bench-ops 120 "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" -k "(bf16 or fp32) and not flex" \
-    --benchmark-json="$out/ops.json"
-step bench-models 70 "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
-    -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
-    --benchmark-json="$out/models.json"
+steps=" ${STEPS:-gpu-tests bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
+for name in $steps; do
+    case $name in
+    profile)  # where one MAE training step's time goes (host vs GPU), eager vs fused: into session.log
+        profile_args=(--name mae_hiera_base_224 --batch 128 --impl eager fused fused/triton)
+        [ "${SMOKE:-0}" != "0" ] && profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --impl eager)
+        step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
+    gpu-tests)
+        step gpu-tests "${LIMIT_GPU_TESTS:-110}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
+            ${TESTS_K:+-k "$TESTS_K"} ;;
+    bench-train)
+        step bench-train "${LIMIT_TRAIN:-200}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
+            -k "${TRAIN_K:-eager or (fused and not compile) or official or optim}" --benchmark-json="$out/train.json" ;;
+    bench-ops)
+        step bench-ops "${LIMIT_OPS:-120}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
+            -k "(bf16 or fp32) and not flex" --benchmark-json="$out/ops.json" ;;
+    bench-models)
+        step bench-models "${LIMIT_MODELS:-70}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
+            -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
+            --benchmark-json="$out/models.json" ;;
+    *) echo "=== unknown step $name" | tee -a "$log"; failed=$((failed + 1)) ;;
+    esac
+done
 export RESERVE=0
 for json in "$out"/ops.json "$out"/train.json "$out"/models.json; do
     [ -s "$json" ] && step "report-$(basename "$json" .json)" 60 "$python" -m benchmarks.report "$json" --out "$out" \

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OP_IMPLS = ("fused", "eager", "official-5d", "flex")
+OP_IMPLS = ("fused", "triton-global", "eager", "official-5d", "flex")
 OUR_MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")  # hiera_fast.bench.MODEL_IMPLS
 MODEL_IMPLS = (*OUR_MODEL_IMPLS, "transformers", "official", "timm", "hiera-optim")
 PEAK_TBPS = 3.0  # rows without their own peak_tbps (older results): the H100's

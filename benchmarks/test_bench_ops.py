@@ -1,7 +1,9 @@
 """Op level: every distinct attention call of Hiera-B (224²) and Hiera-B-16x224, forward and forward + backward,
 fp16 and bf16, four implementations on the same qkv:
 
-- ``fused``        ``hiera_fast.ops.mask_unit_attention(..., fused=True)``: the Triton kernels;
+- ``fused``        ``hiera_fast.ops.mask_unit_attention(..., fused=True)``: the Triton kernels for mask-unit
+                   attention; for global attention on CUDA, SDPA on views of qkv (``ops.global_attention_sdpa``);
+- ``triton-global`` global attention only: our Triton kernel (``ops.set_global_attention("triton")``);
 - ``eager``        ``fused=False``: SDPA on contiguous 4-D windows (our eager reference);
 - ``official-5d``  the official ``MaskUnitAttention`` as written (5-D SDPA, so PyTorch's math path): the baseline;
 - ``flex``         ``torch.nn.attention.flex_attention`` on the unrolled tokens with the block mask
@@ -25,7 +27,7 @@ from hiera_fast.config import HieraConfig
 MODELS = {"hiera_base_224": (256, 1024), "hiera_base_16x224": (8, 64)}  # (base batch, cap)
 SMOKE_MODELS = {"hiera_base_224": dict(image_size=(64, 64), depths=(1, 2, 2, 1)),
                 "hiera_base_16x224": dict(image_size=(4, 64, 64), depths=(1, 2, 2, 1))}
-IMPLS = ("fused", "eager", "official-5d", "flex")
+IMPLS = ("fused", "triton-global", "eager", "official-5d", "flex")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -37,6 +39,21 @@ def _impl(name: str, geometry: bench.AttentionGeometry, device: torch.device):
             pytest.skip(f"fused=True would run the eager path here: {reason}")
         return lambda qkv: ops.mask_unit_attention(qkv, g.num_heads, g.q_stride, g.window_size,
                                                    g.use_mask_unit_attn, fused=True)
+    if name == "triton-global":
+        if g.use_mask_unit_attn:
+            pytest.skip("mask-unit attention: fused=True runs this kernel (the fused column)")
+        backend, reason = ops.fused_backend(device)
+        if backend == "eager":
+            pytest.skip(f"the Triton kernels do not run here: {reason}")
+
+        def triton_global(qkv):
+            previous = ops.set_global_attention("triton")
+            try:
+                return ops.mask_unit_attention(qkv, g.num_heads, g.q_stride, g.window_size, False, fused=True)
+            finally:
+                ops.set_global_attention(previous)
+
+        return triton_global
     if name == "eager":
         return lambda qkv: ops.mask_unit_attention(qkv, g.num_heads, g.q_stride, g.window_size,
                                                    g.use_mask_unit_attn, fused=False)
@@ -93,7 +110,7 @@ def test_attention(benchmark, gpu, case, pass_, dtype, impl):
             with torch.no_grad():
                 return fn_impl(qkv)
 
-    launches = ops.kernel_launches["mask_unit_attention_fwd"]
+    launches = sum(ops.kernel_launches.values())
     try:
         fn()  # compiles flex; proves the case runs before it is timed
     except torch.OutOfMemoryError:
@@ -102,8 +119,8 @@ def test_attention(benchmark, gpu, case, pass_, dtype, impl):
         if impl != "flex":
             raise
         pytest.skip(f"FlexAttention failed on this shape: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    if impl == "fused":
-        assert ops.kernel_launches["mask_unit_attention_fwd"] > launches, "the fused case did not launch the kernel"
+    if impl in ("fused", "triton-global"):
+        assert sum(ops.kernel_launches.values()) > launches, "the fused case did not run the fused path"
     record(benchmark, gpu, suite="op", model=model, case=f"{model} {g.label}", impl=impl, dtype=dtype, batch=batch,
            shape=list(g.qkv_shape(batch)), geometry=g.label, where=g.where, calls=g.calls, num_windows=g.num_windows,
            q_per_window=g.q_per_window, kv_per_window=g.kv_per_window, num_heads=g.num_heads, head_dim=g.head_dim,

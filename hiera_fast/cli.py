@@ -197,8 +197,13 @@ def _check_head(head: str, config, batch: int, dtypes: list[torch.dtype], device
     from .model import HieraLayer, HieraMaskUnitAttention
 
     base = _make_model(head, config, seed)
-    n_attn = sum(isinstance(m, HieraMaskUnitAttention) for m in base.modules())
+    attn = [m for m in base.modules() if isinstance(m, HieraMaskUnitAttention)]
     n_pool = sum(isinstance(m, HieraLayer) and m.dim != m.dim_out and m.query_stride > 1 for m in base.modules())
+    n_attn, n_sdpa = len(attn), 0
+    if ops._global_attention_runs_sdpa(device):  # fused=True runs global attention by SDPA here (CUDA's default)
+        n_sdpa = sum(not m.use_mask_unit_attn for m in attn)
+        n_attn -= n_sdpa
+        n_pool += sum(not m.use_mask_unit_attn and m.query_stride > 1 for m in attn)  # its pooled query
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.num_channels, *config.image_size, generator=gen)
     noise = None
@@ -225,9 +230,10 @@ def _check_head(head: str, config, batch: int, dtypes: list[torch.dtype], device
                 launched = ops.kernel_launches - before
                 result["launches"] = {k: launched.get(k, 0) for k in (
                     "mask_unit_attention_fwd", "mask_unit_attention_bwd", "unrolled_max_pool_fwd",
-                    "unrolled_max_pool_bwd")}
+                    "unrolled_max_pool_bwd", "global_attention_sdpa")}
                 result["expected"] = {"mask_unit_attention_fwd": n_attn, "mask_unit_attention_bwd": n_attn,
-                                      "unrolled_max_pool_fwd": n_pool, "unrolled_max_pool_bwd": n_pool}
+                                      "unrolled_max_pool_fwd": n_pool, "unrolled_max_pool_bwd": n_pool,
+                                      "global_attention_sdpa": n_sdpa}
                 result["fallbacks"] = sorted({str(w.message) for w in caught if "hiera_fast" in str(w.message)})
             del model
         yield _judge(result)

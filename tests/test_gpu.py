@@ -35,15 +35,21 @@ def test_bf16_model_fused_equals_eager():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = model(x).logits.float()
         model.fused = True
-        before = ops.kernel_launches["mask_unit_attention_fwd"]
+        before = ops.kernel_launches.copy()
         got = model(x).logits.float()
-    assert ops.kernel_launches["mask_unit_attention_fwd"] - before == sum(config.depths)
+    launched = ops.kernel_launches - before
+    windowed = sum(m.use_mask_unit_attn for m in model.modules() if isinstance(m, H.model.HieraMaskUnitAttention))
+    assert 0 < windowed < sum(config.depths)
+    assert launched["mask_unit_attention_fwd"] == windowed  # global attention runs SDPA on CUDA by default
+    assert launched["global_attention_sdpa"] == sum(config.depths) - windowed
     assert (got - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
 
 
 def test_cuda_graphs_training_step():
     """torch.compile(mode="reduce-overhead") captures the fused forward+backward in CUDA graphs."""
-    eager = randomize_(H.HieraForPreTraining(tiny_mae_config()), std=0.05).cuda()
+    # mask ratio 0.5 keeps 2 of the 4 mask units: the windowed blocks run the mask-unit kernels (one kept window
+    # would be global attention, which runs SDPA on CUDA)
+    eager = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5)), std=0.05).cuda()
     fused = copy.deepcopy(eager)
     fused.fused = True
     step = torch.compile(lambda m, x, n: m(x, noise=n).loss, mode="reduce-overhead", fullgraph=True)
@@ -66,12 +72,21 @@ def test_cuda_graphs_training_step():
             assert (p.grad - q.grad).abs().max().item() <= 1e-3 * max(q.grad.abs().max().item(), 1e-6), name
 
 
+@pytest.fixture
+def triton_global():
+    """Global attention by our Triton kernel (fused=True runs SDPA there by default on CUDA)."""
+    previous = ops.set_global_attention("triton")
+    yield
+    ops.set_global_attention(previous)
+
+
 # dtype-major, bf16 first (what only a GPU can check): a time-limited run loses fp32 (the tf32x3 path) first
 @pytest.mark.parametrize("dtype, B, T, nw, s, heads, hd",
                          [(dt, *g) for dt in (torch.bfloat16, torch.float16, torch.float32) for g in FULL_SIZE],
                          ids=[f"{n}-B{g[0]}T{g[1]}nw{g[2]}s{g[3]}h{g[4]}d{g[5]}" for n in ("bf16", "fp16", "fp32")
                               for g in FULL_SIZE])
-def test_forward_backward_within_twice_eager_error(dtype, B, T, nw, s, heads, hd):
+def test_forward_backward_within_twice_eager_error(dtype, B, T, nw, s, heads, hd, triton_global):
+    """Our kernels (global attention too) vs float64; eager's own error sets the bar."""
     qkv = torch.randn(B, T * nw, 3 * heads * hd, device="cuda", dtype=dtype)
     grad = torch.randn(B, T // s * nw, heads * hd, device="cuda", dtype=dtype)
     ref_in = qkv.double().requires_grad_(True)
@@ -87,6 +102,34 @@ def test_forward_backward_within_twice_eager_error(dtype, B, T, nw, s, heads, hd
         assert launched == ({"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1} if fused else {})
         results[fused] = (_err(out, ref), _err(d_x, d_ref))
     floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
+    assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
+    assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()
+
+
+GLOBAL_CASES = [g for g in FULL_SIZE if g[2] == 1]
+
+
+@pytest.mark.parametrize("dtype, B, T, nw, s, heads, hd",
+                         [(dt, *g) for dt in (torch.bfloat16, torch.float16) for g in GLOBAL_CASES],
+                         ids=[f"{n}-B{g[0]}T{g[1]}s{g[3]}h{g[4]}d{g[5]}" for n in ("bf16", "fp16") for g in GLOBAL_CASES])
+def test_global_attention_sdpa_within_twice_eager_error(dtype, B, T, nw, s, heads, hd):
+    """fused=True's default for global attention on CUDA: SDPA on views of qkv, the query pooled by our max-pool."""
+    qkv = torch.randn(B, T, 3 * heads * hd, device="cuda", dtype=dtype)
+    grad = torch.randn(B, T // s, heads * hd, device="cuda", dtype=dtype)
+    ref_in = qkv.double().requires_grad_(True)
+    ref = reference.mask_unit_attention_official(ref_in, heads, s, 1)
+    (d_ref,) = torch.autograd.grad(ref, ref_in, grad.double())
+    results = {}
+    for fused in (True, False):
+        x = qkv.clone().requires_grad_(True)
+        before = ops.kernel_launches.copy()
+        out = ops.mask_unit_attention(x, heads, s, 0, False, fused=fused)
+        (d_x,) = torch.autograd.grad(out, x, grad)
+        launched = ops.kernel_launches - before
+        assert launched["global_attention_sdpa"] == fused and launched["mask_unit_attention_fwd"] == 0
+        results[fused] = (_err(out, ref), _err(d_x, d_ref))
+    floor = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
     (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
     assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
     assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()

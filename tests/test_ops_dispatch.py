@@ -252,3 +252,65 @@ def test_empty_batch_gives_empty_results(fused):
 def test_degenerate_attention_inputs_raise(fused, args, match):
     with pytest.raises(ValueError, match=match):
         ops.mask_unit_attention(*args, fused=fused)
+
+
+# ---------------------------------------------------------------------------------------------- global attention
+@pytest.fixture
+def sdpa_global_here(monkeypatch):
+    """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
+    monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
+
+
+@needs_triton
+@pytest.mark.parametrize("q_stride", [1, 4])
+def test_global_attention_sdpa_matches_float64(device, sdpa_global_here, q_stride):
+    """Global attention routed to SDPA (reading qkv through views, the query pooled by the fused max-pool): output
+    and d_qkv match float64 autograd of the official formula; no attention kernel runs."""
+    qkv = torch.randn(3, 64, 3 * 2 * 16, device=device)
+    before = ops.kernel_launches.copy()
+    out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, q_stride, 0, False)
+    launched = ops.kernel_launches - before
+    assert launched["global_attention_sdpa"] == 1 and launched["mask_unit_attention_fwd"] == 0
+    assert launched["unrolled_max_pool_fwd"] == (q_stride > 1) and launched["unrolled_max_pool_bwd"] == (q_stride > 1)
+    _assert_fp32_close(out, d_x, ref, d_ref)
+    assert out.shape == (3, 64 // q_stride, 32) and d_x.shape == qkv.shape
+
+
+@needs_triton
+def test_set_global_attention_triton_runs_the_kernel(device, sdpa_global_here):
+    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+    previous = ops.set_global_attention("triton")
+    try:
+        before = ops.kernel_launches.copy()
+        out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, 4, 0, False)
+        launched = ops.kernel_launches - before
+    finally:
+        assert ops.set_global_attention(previous) == "triton"
+    assert launched == {"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1}
+    _assert_fp32_close(out, d_x, ref, d_ref)
+
+
+def test_global_attention_default_is_sdpa_on_cuda_only():
+    assert ops._global_attention == "sdpa"
+    assert ops._global_attention_runs_sdpa(torch.device("cuda", 0))
+    assert not ops._global_attention_runs_sdpa(torch.device("cpu"))  # the interpreter lane runs the kernels
+
+
+@pytest.mark.parametrize("bad", ["flash", "", None, "SDPA"])
+def test_set_global_attention_rejects_unknown_backends(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_global_attention(bad)
+    assert ops._global_attention == "sdpa"
+
+
+@needs_triton
+def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
+    """The SDPA route traces without graph breaks and gives the eager route's output."""
+    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+
+    def f(x):
+        return ops.mask_unit_attention(x, 2, 4, 0, False, fused=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(qkv)
+    assert torch.allclose(compiled, f(qkv), rtol=1e-6, atol=1e-6)
