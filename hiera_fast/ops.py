@@ -343,9 +343,11 @@ def set_global_attention(backend: str) -> str:
     the previous choice. Mask-unit attention always runs the Triton kernels.
 
     - ``"sdpa"`` (default): :func:`global_attention_sdpa`, PyTorch's FlashAttention / cuDNN kernels reading qkv in
-      place, with the query pooled by the fused max-pool. Measured on an H200 (``benchmarks/results/``), SDPA runs
-      Hiera's global calls (head dim 96, 49 to 1568 tokens) 1.5-2.7x faster than our Triton global kernel, which has
-      no fusion to win there: global attention has no windows to gather and the pooling is a small share.
+      place, with the query pooled by the fused max-pool. Measured on an H200 (bf16,
+      ``benchmarks/results/2026-11-27-h200``), this runs Hiera-B's global calls (head dim 96, 196 to 1568 keys)
+      1.15-4.4x faster than our Triton global kernel, forward and forward+backward; only at 49 tokens (stage 4 at
+      224², under 1 % of the attention time) is our kernel faster, by 1.1-1.3x. Global attention has no windows to
+      gather, so the fusion has little to win there.
     - ``"triton"``: our Triton kernels for global attention too (the split backward of ``kernels/attention_bwd``).
 
     CPU tensors (the interpreter lane, the eager fallback) do not change. Read when a call runs (under
