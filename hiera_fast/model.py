@@ -556,9 +556,10 @@ class HieraDecoder(nn.Module):
         x = undo_windowing(x, tokens_final, self.mu_final)  # [B, *tokens_final, D]
         visible = keep_mask.view(keep_mask.shape[0], num_windows, *[1] * len(self.mu_final), 1)
         visible = undo_windowing(visible.expand(-1, -1, *self.mu_final, 1), tokens_final, self.mu_final)
-        x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.decoder_position_embeddings
+        tokens = math.prod(tokens_final)  # explicit sizes, not -1: B may be 0
+        x = x.reshape(x.shape[0], tokens, x.shape[-1]) + self.decoder_position_embeddings
         x = self.decoder_pred(self.decoder_norm(self.decoder_block(x)))
-        return x, visible.reshape(x.shape[0], -1)
+        return x, visible.reshape(x.shape[0], tokens)
 
 
 class HieraForPreTraining(HieraPreTrainedModel):

@@ -63,7 +63,7 @@ def reroll(
         permute = [0, 1 + D] + [d for p in zip(range(1, 1 + D), range(2 + D, L - 1)) for d in p] + [L - 1]
         x = x.permute(permute)
         mu_shape = [m * s for m, s in zip(mu_shape, strides)]
-        x = x.reshape(B, -1, *mu_shape, C)
+        x = x.reshape(B, N // math.prod(strides), *mu_shape, C)  # explicit sizes: B may be 0
         N = x.shape[1]
     x = x.view(B, N, *mu_shape, C)  # [B, #MUs, *mu_shape, C]
     if masked:
@@ -80,7 +80,7 @@ def gather_windows(x: torch.Tensor, keep_ids: torch.Tensor, num_windows: int) ->
     B, N, C = x.shape
     x = x.view(B, N // num_windows, num_windows, C)  # [B, T, nw, C]
     index = keep_ids[:, None, :, None].expand(B, x.shape[1], keep_ids.shape[1], C)
-    return torch.gather(x, 2, index).reshape(B, -1, C)  # [B, T * K, C]
+    return torch.gather(x, 2, index).reshape(B, x.shape[1] * keep_ids.shape[1], C)  # [B, T * K, C]
 
 
 def scatter_windows(

@@ -130,3 +130,21 @@ def test_max_pool_op_checks(fused):
         ops.unrolled_max_pool(torch.randn(8, 4), 2, fused=fused)
     with pytest.raises(ValueError, match="stride"):
         ops.unrolled_max_pool(torch.randn(1, 8, 4), 0, fused=fused)
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")  # torch's own warning for the variance of an empty batch
+@pytest.mark.parametrize("make, pixels", [
+    (lambda: H.HieraForPreTraining(tiny_mae_config()), (0, 3, 64, 64)),
+    (lambda: H.HieraForPreTraining(tiny_video_config(num_query_pool=2, decoder_hidden_size=16, decoder_depth=1,
+                                                     decoder_num_heads=2, image_size=(2, 64, 64))), (0, 3, 2, 64, 64)),
+    (lambda: H.HieraForImageClassification(tiny_image_config()), (0, 3, 64, 64)),
+    (lambda: H.HieraBackbone(tiny_image_config()), (0, 3, 64, 64)),
+], ids=["mae", "mae-video", "classifier", "backbone"])
+def test_empty_batch_gives_empty_outputs(make, pixels):
+    """A batch of 0 runs (no reshape that cannot infer a -1 from 0 elements) and every output has batch 0."""
+    model = make()
+    out = model(torch.randn(pixels))
+    for value in out.to_tuple():
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                assert t.shape[0] == 0, t.shape
