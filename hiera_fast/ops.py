@@ -25,6 +25,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -67,8 +68,6 @@ def kernels_interpreted() -> bool | None:
     """Whether the kernels, once imported, were *defined* under Triton's interpreter (``@triton.jit`` reads
     ``TRITON_INTERPRET`` when it decorates, so this, not the current environment, decides where they can run); None
     if no kernel module is imported yet. Does not import anything."""
-    import sys
-
     for name in _KERNEL_MODULES:
         module = sys.modules.get(f"hiera_fast.kernels.{name}")
         for value in vars(module).values() if module is not None else ():
@@ -112,8 +111,20 @@ def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -
         backend, reason = "eager", unsupported
     if backend == "eager" and (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}", RuntimeWarning, stacklevel=3)
+        _warn_at_caller(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}")
     return backend != "eager"
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _warn_at_caller(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside hiera_fast and torch (the user's line), not to torch's
+    custom-op machinery that runs the op's body."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level + 1)
 
 
 MAX_FUSED_HEAD_DIM = 256

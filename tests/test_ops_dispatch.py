@@ -314,3 +314,13 @@ def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(qkv)
     assert torch.allclose(compiled, f(qkv), rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_warning_points_at_the_callers_line(fresh_warnings, monkeypatch):
+    """The eager-fallback warning names the user's file and line, not torch's custom-op machinery."""
+    monkeypatch.setattr(ops, "_backend_for", lambda device_type: ("eager", "forced by the test"))
+    qkv = torch.randn(2, 64, 3 * 2 * 16)
+    with pytest.warns(RuntimeWarning, match="forced by the test") as record:
+        line = sys._getframe().f_lineno + 1
+        ops.mask_unit_attention(qkv, 2, 4, 4, True, fused=True)
+    assert record[0].filename == __file__ and record[0].lineno == line
