@@ -57,11 +57,18 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
     so is a peer implementation that cannot run here (with its reason); our own variants must run.
 
     Returns the peak bytes torch allocated on a CUDA ``device`` during that run (else None): the memory figure of a
-    CUDA-graph variant, whose replays allocate nothing that ``max_memory_allocated`` sees (:func:`graph_memory`)."""
+    CUDA-graph variant, whose replays allocate nothing that ``max_memory_allocated`` sees (:func:`graph_memory`).
+
+    A CUDA-graph variant (``mode="reduce-overhead"``) fails if inductor skipped CUDA graphs in that run (it does so
+    silently, e.g. for a CPU tensor in the graph): its row would time a graph-less run under a CUDA-graph label."""
+    graphs = bench.COMPILE_MODES.get(impl) == "reduce-overhead"
+    skips = cudagraph_skips()
+    peak = None
     try:
         if device is not None and device.type == "cuda":
-            return bench.peak_memory(step, device)  # runs step once, measured
-        step()
+            peak = bench.peak_memory(step, device)  # runs step once, measured
+        else:
+            step()
     except torch.OutOfMemoryError:
         bench.free_memory()
         pytest.skip(f"{impl} runs out of memory at batch {batch}")
@@ -69,7 +76,18 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
         if impl not in bench.PEER_IMPLS:
             raise
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    return None
+    skipped = cudagraph_skips() - skips
+    if graphs and skipped:
+        pytest.fail(f"{impl}: inductor skipped CUDA graphs {skipped} time(s) in the warm-up run, so this row would "
+                    f"time a run without them; TORCH_LOGS=perf_hints says why")
+    return peak
+
+
+def cudagraph_skips() -> int:
+    """How often inductor has chosen not to use CUDA graphs for a ``mode="reduce-overhead"`` graph in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def graph_memory(benchmark, impl: str, first_run_peak: int | None) -> None:

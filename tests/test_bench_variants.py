@@ -64,3 +64,22 @@ def test_interrupted_measurement_marks_the_row_failed():
     with pytest.raises(KeyboardInterrupt):
         measure(benchmark, lambda: None, torch.device("cpu"), rounds=1)
     assert benchmark.has_error
+
+
+@pytest.mark.parametrize("impl, fails", [("fused+cudagraphs", True), ("fused+compile", False), ("eager", False)])
+def test_cuda_graph_row_fails_when_inductor_skips_graphs(impl, fails):
+    """Inductor falls back to running without CUDA graphs silently (it only bumps a counter): a "fused+cudagraphs"
+    row must not time that under its label."""
+    from torch._dynamo.utils import counters
+
+    from benchmarks.common import first_run_or_skip
+
+    def step_that_skips_graphs():
+        counters["inductor"]["cudagraph_skips"] += 1  # what inductor does when it skips
+
+    if fails:
+        with pytest.raises(pytest.fail.Exception, match="skipped CUDA graphs 1 time"):
+            first_run_or_skip(step_that_skips_graphs, impl, 1, torch.device("cpu"))
+    else:
+        assert first_run_or_skip(step_that_skips_graphs, impl, 1, torch.device("cpu")) is None
+    assert first_run_or_skip(lambda: None, "fused+cudagraphs", 1, torch.device("cpu")) is None  # no skip: passes
