@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import cached_config, next_power_of_2, packed_window_token, pooled_query_row, token_row
 
 __all__ = ["mask_unit_attention_backward", "attention_backward_config", "attention_backward_plan", "KERNELS"]
 
@@ -313,7 +313,7 @@ def attention_backward_plan(grad_out, qkv, out, lse, d_qkv, num_heads: int, q_st
     B, N, three_c = qkv.shape
     C, T = three_c // 3, N // num_windows
     head_dim, T_out = C // num_heads, T // q_stride
-    cfg = attention_backward_config(head_dim, T, q_stride, num_windows, qkv.dtype)
+    cfg = cached_config(attention_backward_config, head_dim, T, q_stride, num_windows, qkv.dtype)  # read-only
     strides = (*grad_out.stride(), *qkv.stride()[:2])
     o_lse, dq_strides, scale = (*out.stride(), *lse.stride()), d_qkv.stride()[:2], head_dim**-0.5
     geometry = (num_windows, T, T_out, q_stride)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import cached_config, next_power_of_2, packed_window_token, pooled_query_row, token_row
 
 
 @triton.jit
@@ -206,6 +206,12 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
     }
 
 
+def _launch_config(head_dim: int, tokens_per_window: int, q_stride: int, num_windows: int, dtype: torch.dtype):
+    """(constexprs, windows_per_program, num_warps, num_stages) of :func:`attention_forward_config`."""
+    cfg = attention_forward_config(head_dim, tokens_per_window, q_stride, num_windows, dtype)
+    return cfg, cfg.pop("windows_per_program"), cfg.pop("num_warps"), cfg.pop("num_stages")
+
+
 def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int, *,
                                 return_lse: bool = False, out: torch.Tensor | None = None,
                                 lse_out: torch.Tensor | None = None):
@@ -224,8 +230,7 @@ def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int
     C = three_c // 3
     head_dim, T = C // num_heads, N // num_windows
     n_out = N // q_stride
-    cfg = attention_forward_config(head_dim, T, q_stride, num_windows, qkv.dtype)
-    wp, num_warps, num_stages = cfg.pop("windows_per_program"), cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg, wp, num_warps, num_stages = cached_config(_launch_config, head_dim, T, q_stride, num_windows, qkv.dtype)
     out = torch.empty(B, n_out, C, device=qkv.device, dtype=qkv.dtype) if out is None else out
     shape = (B, num_heads, n_out) if return_lse else (1,)
     lse = torch.empty(shape, device=qkv.device, dtype=torch.float32) if lse_out is None else lse_out

@@ -11,6 +11,8 @@ The same holds for the pooled residual ``x.view(B, s, N // s, C).max(1)``: candi
 ``j * (N // s) + m``, which is ``pooled_query_row`` with one window of ``N // s`` tokens.
 """
 
+import functools
+
 import triton
 import triton.language as tl  # noqa: F401  (used inside the jitted helpers)
 
@@ -38,4 +40,12 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-__all__ = ["token_row", "pooled_query_row", "packed_window_token", "next_power_of_2"]
+@functools.lru_cache(maxsize=None)
+def cached_config(config_fn, *args):
+    """``config_fn(*args)``, computed once per function and arguments (configs are pure functions of shape classes;
+    computing one costs tens of µs of host time per launch). Keyed on the function too, so a test that swaps a
+    module's config function gets its own entries. The result is shared: callers must not mutate it."""
+    return config_fn(*args)
+
+
+__all__ = ["token_row", "pooled_query_row", "packed_window_token", "next_power_of_2", "cached_config"]
