@@ -9,6 +9,9 @@ implementation and a registered autograd formula) whose body picks a backend fro
   Triton's interpreter (slow; this is how the kernels are tested without a GPU);
 - anything else → the eager reference, with one warning saying why.
 
+In plain eager mode (no ``torch.compile``, no tensor subclass or dispatch mode) the same bodies run under a
+``torch.autograd.Function`` instead, which skips the dispatcher's host cost; results are identical.
+
 Global attention (one window) on CUDA is the exception: it runs PyTorch's SDPA on views of qkv by default, which is
 faster there than our kernel (:func:`set_global_attention`).
 
@@ -24,12 +27,14 @@ import collections
 import contextlib
 import functools
 import importlib
+import math
 import os
 import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -135,9 +140,11 @@ _MAX_ROW_OFFSET = 2**31  # offsets inside one batch element are 32-bit in the ke
 def _batch_element_extent(t: torch.Tensor) -> int:
     """Elements that 32-bit offsets inside one batch element of ``t [B, ...]`` must reach: through its strides, and
     in the contiguous outputs / gradients of its shape that the kernels write."""
-    if t.numel() == 0:
+    shape = t.shape[1:]
+    element = math.prod(shape)
+    if element == 0 or t.shape[0] == 0:
         return 0
-    return max(1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])), t[0].numel())
+    return max(1 + sum((n - 1) * abs(st) for n, st in zip(shape, t.stride()[1:])), element)
 
 
 def _kernel_shape_limit(x: torch.Tensor, head_dim: int | None = None) -> str | None:
@@ -238,9 +245,8 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- attention op
-@torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())
-def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int,
-                   with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_forward_impl(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int,
+                            with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, N // q_stride, C], lse)``.
 
     With ``with_lse`` (training) ``lse`` is ``[B, heads, N // q_stride]`` float32 for the backward kernel; the eager
@@ -254,6 +260,10 @@ def _attention_fwd(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows
     with _no_autocast(qkv.device):
         out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     return out, _lse_like(qkv, num_heads, q_stride, with_lse)
+
+
+_attention_fwd = torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())(
+    _attention_forward_impl)
 
 
 def _attention_shape_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) -> str | None:
@@ -275,9 +285,8 @@ def _(qkv, num_heads, q_stride, num_windows, with_lse=True):
     return qkv.new_empty(B, N // q_stride, three_c // 3), _lse_like(qkv, num_heads, q_stride, with_lse)
 
 
-@torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", mutates_args=())
-def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                   num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
+def _attention_backward_impl(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
     """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
     eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
     unsupported = _attention_shape_limit(qkv, num_heads, num_windows)  # the forward's choice, so its lse is there
@@ -289,6 +298,10 @@ def _attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                        grad_out, _unit_last_stride(qkv), out, lse, num_heads, q_stride, num_windows)
     with _no_autocast(qkv.device):
         return reference.mask_unit_attention_backward_eager(grad_out, qkv, num_heads, q_stride, num_windows)
+
+
+_attention_bwd = torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", mutates_args=())(
+    _attention_backward_impl)
 
 
 @_attention_bwd.register_fake
@@ -309,6 +322,33 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Eager mode's autograd node for the fused attention: the custom ops' bodies without ``torch.library``'s
+    dispatch, which costs ~190 µs of host time per forward + backward (measured on CPU), while eager-mode training
+    of Hiera-B at batch 128 is host-bound on an H100/H200 (``benchmarks/results/2026-11-27-h200``). Same results:
+    both paths run :func:`_attention_forward_impl` / :func:`_attention_backward_impl`. No double backward."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, q_stride, num_windows):
+        out, lse = _attention_forward_impl(qkv, num_heads, q_stride, num_windows, True)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.args = (num_heads, q_stride, num_windows)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        return _attention_backward_impl(grad_out, qkv, out, lse, *ctx.args), None, None, None
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """Whether a call can skip ``torch.library``'s dispatch: eager mode (not traced by ``torch.compile`` / export), a
+    plain tensor (no subclass such as FakeTensor or DTensor) and no dispatch mode (e.g. a FakeTensorMode) active.
+    Everything else goes through the custom ops, whose fake implementations and autograd formulas those need."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
 
 def mask_unit_attention(
@@ -341,7 +381,11 @@ def mask_unit_attention(
     if num_windows == 1 and _global_attention_runs_sdpa(qkv.device):
         return global_attention_sdpa(qkv, num_heads, q_stride)
     with_lse = torch.is_grad_enabled() and qkv.requires_grad  # the backward kernel needs it; inference does not
-    return _attention_fwd(qkv, num_heads, q_stride, num_windows, with_lse)[0]
+    if not _plain_eager(qkv):
+        return _attention_fwd(qkv, num_heads, q_stride, num_windows, with_lse)[0]
+    if with_lse:
+        return _AttentionFunction.apply(qkv, num_heads, q_stride, num_windows)
+    return _attention_forward_impl(qkv, num_heads, q_stride, num_windows, False)[0]
 
 
 # ---------------------------------------------------------------------------------------------- global attention
@@ -391,12 +435,14 @@ def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> t
 
 
 # ---------------------------------------------------------------------------------------------- max-pool op
-@torch.library.custom_op("hiera_fast::unrolled_max_pool_fwd", mutates_args=())
-def _pool_fwd(x: torch.Tensor, stride: int) -> torch.Tensor:
+def _pool_forward_impl(x: torch.Tensor, stride: int) -> torch.Tensor:
     if _use_triton(x.device, "unrolled_max_pool", _kernel_shape_limit(x)):
         return _launch("unrolled_max_pool_fwd", "max_pool", "unrolled_max_pool_forward", x.device,
                        _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_eager(x, stride)
+
+
+_pool_fwd = torch.library.custom_op("hiera_fast::unrolled_max_pool_fwd", mutates_args=())(_pool_forward_impl)
 
 
 @_pool_fwd.register_fake
@@ -404,13 +450,15 @@ def _(x, stride):
     return x.new_empty(x.shape[0], x.shape[1] // stride, x.shape[2])
 
 
-@torch.library.custom_op("hiera_fast::unrolled_max_pool_bwd", mutates_args=())
-def _pool_bwd(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
+def _pool_backward_impl(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
     """Gradient routed to the winning candidate (lowest index among ties)."""
     if _use_triton(x.device, "unrolled_max_pool backward", _kernel_shape_limit(x)):
         return _launch("unrolled_max_pool_bwd", "max_pool", "unrolled_max_pool_backward", x.device,
                        grad_out, _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_backward_eager(grad_out, x, stride)
+
+
+_pool_bwd = torch.library.custom_op("hiera_fast::unrolled_max_pool_bwd", mutates_args=())(_pool_backward_impl)
 
 
 @_pool_bwd.register_fake
@@ -432,6 +480,22 @@ def _pool_backward(ctx, grad_out):
 _pool_fwd.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
+class _PoolFunction(torch.autograd.Function):
+    """Eager mode's autograd node for the fused max-pool (see :class:`_AttentionFunction`)."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        ctx.save_for_backward(x)
+        ctx.stride = stride
+        return _pool_forward_impl(x, stride)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return _pool_backward_impl(grad_out, x, ctx.stride), None
+
+
 def unrolled_max_pool(x: torch.Tensor, stride: int, fused: bool = False) -> torch.Tensor:
     """Max-pool over the leading unroll level: ``[B, N, C]`` → ``[B, N // stride, C]`` (the pooled residual).
 
@@ -442,4 +506,8 @@ def unrolled_max_pool(x: torch.Tensor, stride: int, fused: bool = False) -> torc
         return x
     if not fused:
         return reference.unrolled_max_pool_eager(x, stride)
-    return _pool_fwd(x, stride)
+    if not _plain_eager(x):
+        return _pool_fwd(x, stride)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PoolFunction.apply(x, stride)
+    return _pool_forward_impl(x, stride)

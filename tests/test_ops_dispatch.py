@@ -324,3 +324,54 @@ def test_fallback_warning_points_at_the_callers_line(fresh_warnings, monkeypatch
         line = sys._getframe().f_lineno + 1
         ops.mask_unit_attention(qkv, 2, 4, 4, True, fused=True)
     assert record[0].filename == __file__ and record[0].lineno == line
+
+
+# ---------------------------------------------------------------------------------------------- eager fast path
+@needs_triton
+def test_eager_fast_path_equals_the_custom_op(device):
+    """Plain eager calls skip torch.library's dispatch (an autograd.Function over the same bodies); the custom op
+    (what torch.compile traces) gives bitwise the same output and gradient."""
+    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+    x = qkv.clone().requires_grad_(True)
+    out = ops.mask_unit_attention(x, 2, 4, 4, True, fused=True)
+    assert type(out.grad_fn).__name__ == "_AttentionFunctionBackward"
+    grad = torch.randn_like(out)
+    (d_x,) = torch.autograd.grad(out, x, grad)
+    y = qkv.clone().requires_grad_(True)
+    out_op = ops._attention_fwd(y, 2, 4, 4, True)[0]
+    (d_y,) = torch.autograd.grad(out_op, y, grad)
+    assert torch.equal(out, out_op) and torch.equal(d_x, d_y)
+    p = qkv[..., :32].clone().requires_grad_(True)
+    pooled = ops.unrolled_max_pool(p, 4, fused=True)
+    assert type(pooled.grad_fn).__name__ == "_PoolFunctionBackward"
+    (d_p,) = torch.autograd.grad(pooled, p, torch.ones_like(pooled))
+    assert torch.equal(d_p, reference.unrolled_max_pool_backward_eager(torch.ones_like(pooled), p.detach(), 4))
+
+
+@needs_triton
+def test_fake_tensors_go_through_the_custom_ops(device):
+    """Under a FakeTensorMode (shape inference, memory estimators) the fused ops must not launch kernels on fake
+    tensors: they take the custom ops, whose fake implementations give the shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    before = ops.kernel_launches.copy()
+    with FakeTensorMode() as mode:
+        qkv = mode.from_tensor(torch.randn(2, 64, 3 * 2 * 16, device=device)).requires_grad_(True)
+        out = ops.mask_unit_attention(qkv, 2, 4, 4, True, fused=True)
+        pooled = ops.unrolled_max_pool(qkv[..., :32], 4, fused=True)
+        out.sum().backward()
+    assert out.shape == (2, 16, 32) and pooled.shape == (2, 16, 32) and qkv.grad.shape == qkv.shape
+    assert ops.kernel_launches == before
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["attention", "pool"])
+def test_double_backward_raises(device, op):
+    """The fused backward has no derivative of its own: a gradient penalty through it must fail loudly (documented),
+    never give a silently wrong second derivative."""
+    x = torch.randn(2, 64, 3 * 2 * 16, device=device, requires_grad=True)
+    out = (ops.mask_unit_attention(x, 2, 4, 4, True, fused=True) if op == "attention"
+           else ops.unrolled_max_pool(x, 4, fused=True))
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.square().sum().backward()

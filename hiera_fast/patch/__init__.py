@@ -14,9 +14,8 @@ with ``torch.save(model)`` loads unpatched (patch again after loading). ``is_pat
 module in it runs fused code.
 
 Not supported: double backward (a backward through a gradient taken with ``torch.autograd.grad(...,
-create_graph=True)``, e.g. a gradient penalty) raises ``RuntimeError`` ("no autograd formula was registered" for
-``hiera_fast.mask_unit_attention_bwd``): the fused backward has no derivative of its own. Run such a step unpatched
-(after :func:`unpatch`, or outside ``with patched(model)``).
+create_graph=True)``, e.g. a gradient penalty) raises ``RuntimeError``: the fused backward has no derivative of its
+own. Run such a step unpatched (after :func:`unpatch`, or outside ``with patched(model)``).
 
 One module per library (:mod:`.transformers`, :mod:`.timm`, :mod:`.official`) around a shared :mod:`.core`. None of
 them imports its library when imported (``patch_<library>()`` does): a model can only hold a library's modules once
