@@ -8,7 +8,8 @@
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
 #
 # STEPS (default "gpu-tests bench-train bench-ops bench-models"; "profile" adds benchmarks/profile_train.py's tables to
-# session.log) picks and orders the measured steps; LIMIT_<STEP> overrides a step's limit, TESTS_K / TRAIN_K the -k of
+# session.log) picks and orders the measured steps; LIMIT_<STEP> (LIMIT_PROFILE, LIMIT_GPU_TESTS, LIMIT_BENCH_TRAIN,
+# LIMIT_BENCH_OPS, LIMIT_BENCH_MODELS) overrides a step's limit, TESTS_K / TRAIN_K the -k of
 # the gpu tests / the training benchmark.
 # BUDGET (seconds, default 540) bounds the whole script; steps run most important first and each is cut to what is
 # left. Writes at most 8 files into OUT_DIR (the device tool brings back 8): session.log (every step's output, with its
@@ -65,7 +66,7 @@ step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
 step info 60 "$python" -m hiera_fast info
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
 
-# most important first; RESERVE keeps time for the reports at the end. The step limits (110 + 200 + 120 + 70 s) add
+# most important first; RESERVE keeps time for the reports at the end. The step limits (150 + 200 + 80 + 70 s) add
 # up to the budget left after the setup steps, so the last step is not starved. Inside each step the cases are
 # ordered most important first too (bf16 before fp32, the baselines before the compiled variants).
 export RESERVE=30
@@ -78,16 +79,16 @@ for name in $steps; do
         [ "${SMOKE:-0}" != "0" ] && profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --impl eager)
         step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
     gpu-tests)
-        step gpu-tests "${LIMIT_GPU_TESTS:-110}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
+        step gpu-tests "${LIMIT_GPU_TESTS:-150}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
             ${TESTS_K:+-k "$TESTS_K"} ;;
     bench-train)
-        step bench-train "${LIMIT_TRAIN:-200}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
+        step bench-train "${LIMIT_BENCH_TRAIN:-200}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
             -k "${TRAIN_K:-eager or (fused and not compile) or official or optim}" --benchmark-json="$out/train.json" ;;
     bench-ops)
-        step bench-ops "${LIMIT_OPS:-120}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
+        step bench-ops "${LIMIT_BENCH_OPS:-80}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
             -k "(bf16 or fp32) and not flex" --benchmark-json="$out/ops.json" ;;
     bench-models)
-        step bench-models "${LIMIT_MODELS:-70}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
+        step bench-models "${LIMIT_BENCH_MODELS:-70}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
             -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
             --benchmark-json="$out/models.json" ;;
     *) echo "=== unknown step $name" | tee -a "$log"; failed=$((failed + 1)) ;;

@@ -92,7 +92,8 @@ def test_patch_forward_throughput(benchmark, library):
             impl="patched", gpu=torch.cuda.get_device_name(),
             device_capability=list(torch.cuda.get_device_capability()), dtype=str(DTYPE).removeprefix("torch."),
             batch=BATCH, shape=[BATCH, *IMAGE], model="hiera_base_224", model_config=dict(BASE),
-            attention_calls=launched["mask_unit_attention_fwd"], pool_calls=launched["unrolled_max_pool_fwd"],
+            kernel_attention_calls=launched["mask_unit_attention_fwd"], sdpa_attention_calls=launched[
+                "global_attention_sdpa"], pool_calls=launched["unrolled_max_pool_fwd"],
             unpatched_ms=unpatched_ms, patched_ms=patched_ms, speedup=unpatched_ms / patched_ms,
             unpatched_images_per_s=BATCH / (unpatched_ms * 1e-3), patched_images_per_s=BATCH / (patched_ms * 1e-3),
             max_rel_err=rel_err, timer="triton.testing.do_bench median", torch=torch.__version__,

@@ -401,7 +401,7 @@ def set_global_attention(backend: str) -> str:
       place, with the query pooled by the fused max-pool. Measured on an H200 (bf16,
       ``benchmarks/results/2026-11-27-h200``), this runs Hiera-B's global calls (head dim 96, 196 to 1568 keys)
       1.15-4.4x faster than our Triton global kernel, forward and forward+backward; only at 49 tokens (stage 4 at
-      224², under 1 % of the attention time) is our kernel faster, by 1.1-1.3x. Global attention has no windows to
+      224², about 3 % of the attention time) is our kernel faster, by 1.1-1.3x (SDPA there costs about 0.4 %). Global attention has no windows to
       gather, so the fusion has little to win there.
     - ``"triton"``: our Triton kernels for global attention too (the split backward of ``kernels/attention_bwd``).
 
@@ -424,6 +424,7 @@ def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> t
     the backward stacks dq, dk, dv into ``d_qkv`` once (the ``unbind``). Same contract as
     :func:`mask_unit_attention` with one window."""
     kernel_launches["global_attention_sdpa"] += 1
+    qkv = _unit_last_stride(qkv)  # SDPA's fused kernels need unit-stride head dims (else its slow math path)
     B, N, three_c = qkv.shape
     C = three_c // 3
     head_dim = C // num_heads

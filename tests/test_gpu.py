@@ -28,6 +28,7 @@ def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref).abs().max().item()
 
 
+@pytest.mark.default_global_attention
 def test_bf16_model_fused_equals_eager():
     config = H.HieraConfig.from_preset("hiera_base_224")
     model = H.HieraForImageClassification(config).cuda().eval()
@@ -47,8 +48,8 @@ def test_bf16_model_fused_equals_eager():
 
 def test_cuda_graphs_training_step():
     """torch.compile(mode="reduce-overhead") captures the fused forward+backward in CUDA graphs."""
-    # mask ratio 0.5 keeps 2 of the 4 mask units: the windowed blocks run the mask-unit kernels (one kept window
-    # would be global attention, which runs SDPA on CUDA)
+    # mask ratio 0.5 keeps 2 of the 4 mask units, so the windowed blocks are windowed (one kept window is global
+    # attention, which fused=True runs by SDPA on CUDA unless pinned to our kernel, as tests/conftest.py does)
     eager = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5)), std=0.05).cuda()
     fused = copy.deepcopy(eager)
     fused.fused = True
@@ -72,44 +73,10 @@ def test_cuda_graphs_training_step():
             assert (p.grad - q.grad).abs().max().item() <= 1e-3 * max(q.grad.abs().max().item(), 1e-6), name
 
 
-@pytest.fixture
-def triton_global():
-    """Global attention by our Triton kernel (fused=True runs SDPA there by default on CUDA)."""
-    previous = ops.set_global_attention("triton")
-    yield
-    ops.set_global_attention(previous)
-
-
-# dtype-major, bf16 first (what only a GPU can check): a time-limited run loses fp32 (the tf32x3 path) first
-@pytest.mark.parametrize("dtype, B, T, nw, s, heads, hd",
-                         [(dt, *g) for dt in (torch.bfloat16, torch.float16, torch.float32) for g in FULL_SIZE],
-                         ids=[f"{n}-B{g[0]}T{g[1]}nw{g[2]}s{g[3]}h{g[4]}d{g[5]}" for n in ("bf16", "fp16", "fp32")
-                              for g in FULL_SIZE])
-def test_forward_backward_within_twice_eager_error(dtype, B, T, nw, s, heads, hd, triton_global):
-    """Our kernels (global attention too) vs float64; eager's own error sets the bar."""
-    qkv = torch.randn(B, T * nw, 3 * heads * hd, device="cuda", dtype=dtype)
-    grad = torch.randn(B, T // s * nw, heads * hd, device="cuda", dtype=dtype)
-    ref_in = qkv.double().requires_grad_(True)
-    ref = reference.mask_unit_attention_official(ref_in, heads, s, nw)
-    (d_ref,) = torch.autograd.grad(ref, ref_in, grad.double())
-    results = {}
-    for fused in (True, False):
-        x = qkv.clone().requires_grad_(True)
-        before = ops.kernel_launches.copy()
-        out = ops.mask_unit_attention(x, heads, s, T // s if nw > 1 else 0, nw > 1, fused=fused)
-        (d_x,) = torch.autograd.grad(out, x, grad)
-        launched = ops.kernel_launches - before
-        assert launched == ({"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1} if fused else {})
-        results[fused] = (_err(out, ref), _err(d_x, d_ref))
-    floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
-    (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
-    assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
-    assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()
-
-
 GLOBAL_CASES = [g for g in FULL_SIZE if g[2] == 1]
 
 
+@pytest.mark.default_global_attention
 @pytest.mark.parametrize("dtype, B, T, nw, s, heads, hd",
                          [(dt, *g) for dt in (torch.bfloat16, torch.float16) for g in GLOBAL_CASES],
                          ids=[f"{n}-B{g[0]}T{g[1]}s{g[3]}h{g[4]}d{g[5]}" for n in ("bf16", "fp16") for g in GLOBAL_CASES])
@@ -130,6 +97,34 @@ def test_global_attention_sdpa_within_twice_eager_error(dtype, B, T, nw, s, head
         assert launched["global_attention_sdpa"] == fused and launched["mask_unit_attention_fwd"] == 0
         results[fused] = (_err(out, ref), _err(d_x, d_ref))
     floor = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
+    assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
+    assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()
+
+
+# last, the long parity sweep: dtype-major, bf16 first (what only a GPU can check), so a time-limited run loses
+# fp32 (the tf32x3 path) first
+@pytest.mark.parametrize("dtype, B, T, nw, s, heads, hd",
+                         [(dt, *g) for dt in (torch.bfloat16, torch.float16, torch.float32) for g in FULL_SIZE],
+                         ids=[f"{n}-B{g[0]}T{g[1]}nw{g[2]}s{g[3]}h{g[4]}d{g[5]}" for n in ("bf16", "fp16", "fp32")
+                              for g in FULL_SIZE])
+def test_forward_backward_within_twice_eager_error(dtype, B, T, nw, s, heads, hd):
+    """Our kernels (global attention too: tests/conftest.py pins them) vs float64; eager's own error sets the bar."""
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, device="cuda", dtype=dtype)
+    grad = torch.randn(B, T // s * nw, heads * hd, device="cuda", dtype=dtype)
+    ref_in = qkv.double().requires_grad_(True)
+    ref = reference.mask_unit_attention_official(ref_in, heads, s, nw)
+    (d_ref,) = torch.autograd.grad(ref, ref_in, grad.double())
+    results = {}
+    for fused in (True, False):
+        x = qkv.clone().requires_grad_(True)
+        before = ops.kernel_launches.copy()
+        out = ops.mask_unit_attention(x, heads, s, T // s if nw > 1 else 0, nw > 1, fused=fused)
+        (d_x,) = torch.autograd.grad(out, x, grad)
+        launched = ops.kernel_launches - before
+        assert launched == ({"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1} if fused else {})
+        results[fused] = (_err(out, ref), _err(d_x, d_ref))
+    floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
     (out_err, grad_err), (eager_out_err, eager_grad_err) = results[True], results[False]
     assert out_err <= 2 * eager_out_err + floor * ref.abs().max().item()
     assert grad_err <= 2 * eager_grad_err + floor * d_ref.abs().max().item()

@@ -259,6 +259,9 @@ def test_degenerate_attention_inputs_raise(fused, args, match):
 def sdpa_global_here(monkeypatch):
     """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
     monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
+    previous = ops.set_global_attention("sdpa")  # tests/conftest.py pins "triton" for the other tests
+    yield
+    ops.set_global_attention(previous)
 
 
 @needs_triton
@@ -290,6 +293,7 @@ def test_set_global_attention_triton_runs_the_kernel(device, sdpa_global_here):
     _assert_fp32_close(out, d_x, ref, d_ref)
 
 
+@pytest.mark.default_global_attention
 def test_global_attention_default_is_sdpa_on_cuda_only():
     assert ops._global_attention == "sdpa"
     assert ops._global_attention_runs_sdpa(torch.device("cuda", 0))
@@ -298,9 +302,10 @@ def test_global_attention_default_is_sdpa_on_cuda_only():
 
 @pytest.mark.parametrize("bad", ["flash", "", None, "SDPA"])
 def test_set_global_attention_rejects_unknown_backends(bad):
+    before = ops._global_attention
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.set_global_attention(bad)
-    assert ops._global_attention == "sdpa"
+    assert ops._global_attention == before
 
 
 @needs_triton
