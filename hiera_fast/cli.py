@@ -201,7 +201,7 @@ def _count_route(routes: collections.Counter, device: torch.device, module, args
 
     tokens = args[0].shape[1]
     windows = tokens // (module.query_stride * module.window_size) if module.use_mask_unit_attn else 1
-    if windows == 1 and ops._global_attention_runs_sdpa(device):
+    if ops.runs_sdpa(windows, device):
         routes["sdpa"] += 1
         routes["sdpa_pooled"] += module.query_stride > 1
     else:

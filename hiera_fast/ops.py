@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from . import reference
 
 __all__ = ["mask_unit_attention", "unrolled_max_pool", "fused_backend", "kernel_launches", "check_qkv",
-           "global_attention_sdpa", "set_global_attention"]
+           "global_attention_sdpa", "set_global_attention", "runs_sdpa"]
 
 kernel_launches: collections.Counter = collections.Counter()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -378,7 +378,7 @@ def mask_unit_attention(
     qkv = _autocast_input(qkv)
     if not fused:
         return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
-    if num_windows == 1 and _global_attention_runs_sdpa(qkv.device):
+    if runs_sdpa(num_windows, qkv.device):
         return global_attention_sdpa(qkv, num_heads, q_stride)
     with_lse = torch.is_grad_enabled() and qkv.requires_grad  # the backward kernel needs it; inference does not
     if not _plain_eager(qkv):
@@ -416,6 +416,12 @@ def set_global_attention(backend: str) -> str:
 
 def _global_attention_runs_sdpa(device: torch.device) -> bool:
     return _global_attention == "sdpa" and device.type == "cuda"
+
+
+def runs_sdpa(num_windows: int, device: torch.device) -> bool:
+    """Whether ``fused=True`` runs an attention call of ``num_windows`` windows (the run-time count: an MAE that keeps
+    one mask unit has one) on ``device`` by :func:`global_attention_sdpa` rather than our kernels."""
+    return num_windows == 1 and _global_attention_runs_sdpa(torch.device(device))
 
 
 def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> torch.Tensor:
