@@ -9,11 +9,11 @@ implementation and a registered autograd formula) whose body picks a backend fro
   Triton's interpreter (slow; this is how the kernels are tested without a GPU);
 - anything else → the eager reference, with one warning saying why.
 
-In plain eager mode (no ``torch.compile``, no tensor subclass or dispatch mode) the same bodies run under a
-``torch.autograd.Function`` instead, which skips the dispatcher's host cost; results are identical.
-
 Global attention (one window) on CUDA is the exception: it runs PyTorch's SDPA on views of qkv by default, which is
 faster there than our kernel (:func:`set_global_attention`).
+
+In plain eager mode (no ``torch.compile``, no tensor subclass or dispatch mode) the same bodies run under a
+``torch.autograd.Function`` instead, which skips the dispatcher's host cost; results are identical.
 
 :func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op (and the
 SDPA-routed global calls, as ``global_attention_sdpa``), so tests can prove which path ran. The backward runs the
