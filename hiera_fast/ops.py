@@ -434,6 +434,8 @@ def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> t
     B, N, three_c = qkv.shape
     C = three_c // 3
     head_dim = C // num_heads
+    if B == 0:  # an empty result still tied to qkv's autograd (SDPA's CUDA kernels reject a batch of 0 in some torch)
+        return qkv[:, : N // q_stride, :C].clone()
     q, k, v = qkv.view(B, N, 3, num_heads, head_dim).unbind(2)  # each [B, N, H, hd], unit stride on hd
     if q_stride > 1:
         q = unrolled_max_pool(q.reshape(B, N, C), q_stride, fused=True).view(B, N // q_stride, num_heads, head_dim)

@@ -279,6 +279,17 @@ def test_global_attention_sdpa_matches_float64(device, sdpa_global_here, q_strid
     assert out.shape == (3, 64 // q_stride, 32) and d_x.shape == qkv.shape
 
 
+@pytest.mark.parametrize("q_stride", [1, 4])
+def test_global_attention_sdpa_empty_batch(sdpa_global_here, q_stride):
+    """A batch of 0 on the SDPA route gives an empty result and gradient without calling SDPA (whose CUDA kernels
+    reject a batch of 0 in some torch versions)."""
+    x = torch.randn(0, 64, 3 * 2 * 16, requires_grad=True)
+    out = ops.mask_unit_attention(x, 2, q_stride, 0, False, fused=True)
+    assert out.shape == (0, 64 // q_stride, 32) and out.is_contiguous()
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 @needs_triton
 def test_set_global_attention_triton_runs_the_kernel(device, sdpa_global_here):
     qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
