@@ -21,13 +21,16 @@ from hiera_fast import bench, ops
 
 
 def profile_step(name: str, impl: str, batch: int, rows: int, device: str = "cuda") -> None:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    """Run and print one profile; ``impl`` as in ``bench.build_variant``, with global attention as set now."""
     config = bench.preset_config(name)
-    impl, _, global_attention = impl.partition("/")  # "fused/triton": global attention by our Triton kernel too
-    previous = ops.set_global_attention(global_attention or "sdpa")
+    device = torch.device(device)
+
+    def sync():
+        bench.synchronize(device)
+
     variant = bench.build_variant(name, impl, device, None, train=True)
     x = bench.make_input(config, batch, device)
-    step = bench.train_step(variant, x, torch.bfloat16 if device == "cuda" else torch.float32)
+    step = bench.train_step(variant, x, torch.bfloat16 if device.type == "cuda" else torch.float32)
     for _ in range(3):
         step()
     sync()
@@ -48,11 +51,10 @@ def profile_step(name: str, impl: str, batch: int, rows: int, device: str = "cud
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in kernels) / 1e3 / 2
-    print(f"\n##### {name} b{batch} {impl} (global attention: {global_attention or 'sdpa'}): wall {wall_ms:.1f} ms/step, host enqueue {host_ms:.1f} ms/step, "
-          f"GPU busy {gpu_ms:.1f} ms/step, {len(kernels) // 2} GPU ops/step", flush=True)
+    print(f"\n##### {name} b{batch} {impl} (global attention: {ops._global_attention}): wall {wall_ms:.1f} ms/step, "
+          f"host enqueue {host_ms:.1f} ms/step, GPU busy {gpu_ms:.1f} ms/step, {len(kernels) // 2} GPU ops/step", flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
-    ops.set_global_attention(previous)
     del variant, step, x
     bench.free_memory()
 
@@ -66,7 +68,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     for impl in args.impl:
-        profile_step(args.name, impl, args.batch, args.rows, args.device)
+        impl, _, global_attention = impl.partition("/")  # "fused/triton": global attention by our Triton kernel too
+        with ops.global_attention(global_attention or "sdpa"):
+            profile_step(args.name, impl, args.batch, args.rows, args.device)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,8 @@ def _impl(name: str, geometry: bench.AttentionGeometry, device: torch.device):
             pytest.skip(f"the Triton kernels do not run here: {reason}")
 
         def triton_global(qkv):
-            previous = ops.set_global_attention("triton")
-            try:
+            with ops.global_attention("triton"):
                 return ops.mask_unit_attention(qkv, g.num_heads, g.q_stride, g.window_size, False, fused=True)
-            finally:
-                ops.set_global_attention(previous)
 
         return triton_global
     if name == "eager":

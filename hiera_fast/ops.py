@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from . import reference
 
 __all__ = ["mask_unit_attention", "unrolled_max_pool", "fused_backend", "kernel_launches", "check_qkv",
-           "global_attention_sdpa", "set_global_attention", "runs_sdpa"]
+           "global_attention_sdpa", "set_global_attention", "global_attention", "runs_sdpa"]
 
 kernel_launches: collections.Counter = collections.Counter()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -401,8 +401,8 @@ def set_global_attention(backend: str) -> str:
       place, with the query pooled by the fused max-pool. Measured on an H200 (bf16,
       ``benchmarks/results/2026-11-27-h200``), this runs Hiera-B's global calls (head dim 96, 196 to 1568 keys)
       1.15-4.4x faster than our Triton global kernel, forward and forward+backward; only at 49 tokens (stage 4 at
-      224², about 3 % of the attention time) is our kernel faster, by 1.1-1.3x (SDPA there costs about 0.4 %). Global attention has no windows to
-      gather, so the fusion has little to win there.
+      224², about 3 % of the attention time) is our kernel faster, by 1.1-1.3x (SDPA there costs about 0.4 %).
+      Global attention has no windows to gather, so the fusion has little to win there.
     - ``"triton"``: our Triton kernels for global attention too (the split backward of ``kernels/attention_bwd``).
 
     CPU tensors (the interpreter lane, the eager fallback) do not change. Read when a call runs (under
@@ -412,6 +412,16 @@ def set_global_attention(backend: str) -> str:
         raise ValueError(f"backend must be one of {GLOBAL_ATTENTION_BACKENDS}, got {backend!r}")
     previous, _global_attention = _global_attention, backend
     return previous
+
+
+@contextlib.contextmanager
+def global_attention(backend: str):
+    """:func:`set_global_attention` for the duration of a ``with`` block (the previous choice comes back after)."""
+    previous = set_global_attention(backend)
+    try:
+        yield
+    finally:
+        set_global_attention(previous)
 
 
 def _global_attention_runs_sdpa(device: torch.device) -> bool:

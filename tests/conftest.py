@@ -39,6 +39,5 @@ def _kernels_for_global_attention(request):
         return
     from hiera_fast import ops
 
-    previous = ops.set_global_attention("triton")
-    yield
-    ops.set_global_attention(previous)
+    with ops.global_attention("triton"):
+        yield

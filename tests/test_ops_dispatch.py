@@ -259,9 +259,8 @@ def test_degenerate_attention_inputs_raise(fused, args, match):
 def sdpa_global_here(monkeypatch):
     """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
     monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
-    previous = ops.set_global_attention("sdpa")  # tests/conftest.py pins "triton" for the other tests
-    yield
-    ops.set_global_attention(previous)
+    with ops.global_attention("sdpa"):  # tests/conftest.py pins "triton" for the other tests
+        yield
 
 
 @needs_triton
