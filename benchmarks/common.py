@@ -5,12 +5,15 @@ Every row's ``extra_info`` holds the environment (device, torch/triton/CUDA vers
 case, impl, dtype, shape, batch) plus ``median_ms`` and the suite's throughput numbers; ``benchmarks/report.py``
 reads only ``extra_info``.
 
-Timing: ops on CUDA use ``triton.testing.do_bench`` (median; warm-up first; L2 flushed) for ``median_ms``; models,
-training steps and every CPU case use the rounds pytest-benchmark runs (each round synchronizes the device), median.
+Timing: ops on CUDA use ``triton.testing.do_bench`` (median; warm-up first; L2 flushed) for ``median_ms``, which
+includes the host's launch cost where that exceeds the GPU work, and ``triton.testing.do_bench_cudagraph`` for
+``graph_ms``, the GPU time alone; models, training steps and every CPU case use the rounds pytest-benchmark runs (each
+round synchronizes the device), median.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -114,10 +117,14 @@ def record(benchmark, setup: Setup | None, **info) -> None:
 
 def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds: int, warmup_rounds: int = 1,
             do_bench: bool = False, grad_to_none: Sequence[torch.Tensor] | None = None,
-            memory: bool = True) -> float:
+            memory: bool = True, graph: bool = False) -> float:
     """Run ``fn`` under ``benchmark.pedantic`` (each round synchronized) and return the median ms: of those rounds, or
     of ``triton.testing.do_bench`` when ``do_bench`` and on CUDA. Records ``median_ms``, ``timer`` and
-    ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``."""
+    ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``.
+
+    With ``graph`` on CUDA also records ``graph_ms``: the GPU time alone (:func:`hiera_fast.bench.time_graph_ms`,
+    runs captured in a CUDA graph), or ``graph_error`` when ``fn`` cannot be captured; it runs after the other
+    timings, so a failed capture costs that one number only."""
     times: list[float] = []
 
     def target():
@@ -144,4 +151,11 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     benchmark.extra_info["min_ms"] = min(timed)
     if memory:
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)
+    if graph and device.type == "cuda":
+        try:
+            benchmark.extra_info["graph_ms"] = bench.time_graph_ms(fn, device, grad_to_none=grad_to_none)
+        except Exception as err:  # noqa: BLE001  (recorded: the row keeps its other numbers)
+            benchmark.extra_info["graph_error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            with contextlib.suppress(Exception):  # a broken context shows in the next case, which fails on its own
+                bench.synchronize(device)
     return median

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements in one command, sized to fit one device call (~9 minutes of an
 # H100/H200 after the machine starts): GPU parity tests (bf16 included, CUDA graphs), the bf16 op benchmark
-# (fused vs eager 4-D SDPA vs the official 5-D call), the Hiera-B MAE training step (eager / fused /
+# (fused vs eager 4-D SDPA vs the official 5-D call; each timed with launches and as GPU time in a CUDA graph), the Hiera-B MAE training step (eager / fused /
 # fused + CUDA graphs / official / hiera-optim), Hiera-B inference at batch 256, and the markdown report.
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
@@ -66,8 +66,8 @@ step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
 step info 60 "$python" -m hiera_fast info
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
 
-# most important first; RESERVE keeps time for the reports at the end. The step limits (150 + 200 + 80 + 70 s) add
-# up to the budget left after the setup steps, so the last step is not starved. Inside each step the cases are
+# most important first; RESERVE keeps time for the reports at the end. The step limits (120 + 200 + 100 + 60 s) add
+# up to the budget left after the setup steps (~15 s) and RESERVE, so the last step is not starved. Inside each step the cases are
 # ordered most important first too (bf16 before fp32, the baselines before the compiled variants).
 export RESERVE=30
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
@@ -79,16 +79,16 @@ for name in $steps; do
         [ "${SMOKE:-0}" != "0" ] && profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --impl eager)
         step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
     gpu-tests)
-        step gpu-tests "${LIMIT_GPU_TESTS:-150}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
+        step gpu-tests "${LIMIT_GPU_TESTS:-120}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
             ${TESTS_K:+-k "$TESTS_K"} ;;
     bench-train)
         step bench-train "${LIMIT_BENCH_TRAIN:-200}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
             -k "${TRAIN_K:-eager or (fused and not compile) or official or optim}" --benchmark-json="$out/train.json" ;;
     bench-ops)
-        step bench-ops "${LIMIT_BENCH_OPS:-80}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
+        step bench-ops "${LIMIT_BENCH_OPS:-100}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
             -k "(bf16 or fp32) and not flex" --benchmark-json="$out/ops.json" ;;
     bench-models)
-        step bench-models "${LIMIT_BENCH_MODELS:-70}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
+        step bench-models "${LIMIT_BENCH_MODELS:-60}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
             -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
             --benchmark-json="$out/models.json" ;;
     *) echo "=== unknown step $name" | tee -a "$log"; failed=$((failed + 1)) ;;

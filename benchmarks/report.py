@@ -76,64 +76,95 @@ def _speedup(a, b) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sections
+# op timers, headline first: (extra_info key, what the table's heading says it measured)
+OP_TIMERS = (("graph_ms", "GPU time (calls captured in a CUDA graph, no launch cost)"),
+             ("median_ms", "with launches (`triton.testing.do_bench`; host time where the host is the slower)"))
+
+
+def _bandwidth(row: dict, ms: float, key: str, peak_tbps: float) -> tuple:
+    """(GB/s, % of peak) of ``row`` timed at ``ms``: from its byte count, else (older rows) its stored figures."""
+    if row.get("bytes"):
+        gb_per_s = row["bytes"] / (ms * 1e-3) / 1e9
+        return gb_per_s, 100.0 * gb_per_s / (peak_tbps * 1e3)
+    if key == "median_ms":
+        return row.get("gb_per_s"), row.get("pct_of_peak")
+    return None, None
+
+
 def op_section(rows: list[dict], plots: list) -> list[str]:
+    """One table per (model, dtype, pass) and timer: the GPU time alone (``graph_ms``) where the rows have it, then
+    the do_bench time with launches (``median_ms``)."""
     out = []
     by_key = defaultdict(list)
     for r in rows:
         by_key[(r.get("model"), r.get("dtype"), r.get("pass"))].append(r)
     for (model, dtype, pass_), group in sorted(by_key.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        impls = _ordered({r["impl"] for r in group}, OP_IMPLS)
-        cells: dict[tuple, dict] = defaultdict(dict)
-        order = []
-        for r in group:
-            key = r.get("geometry") or r.get("case")
-            if key not in cells:
-                order.append((r.get("where", ""), key))
-            cells[key][r["impl"]] = r
-        order.sort()
-        header = ["attention call", "calls", "batch"] + [f"{i}: µs (GB/s, % peak)" for i in impls]
+        for key, timer in OP_TIMERS:
+            if any(r.get(key) is not None for r in group):
+                out += _op_table(group, model, dtype, pass_, key, timer, plots)
+        errors = sorted({(r["impl"], r.get("geometry") or r.get("case"), r["graph_error"])
+                         for r in group if r.get("graph_error")})
+        if errors:
+            out += ["Not captured in a CUDA graph (no GPU-time figure):", ""]
+            out += [f"- {impl}, {case}: {err}" for impl, case, err in errors] + [""]
+    return out
+
+
+def _op_table(group: list[dict], model, dtype, pass_, key: str, timer: str, plots: list) -> list[str]:
+    impls = _ordered({r["impl"] for r in group}, OP_IMPLS)
+    cells: dict[tuple, dict] = defaultdict(dict)
+    order = []
+    for r in group:
+        case = r.get("geometry") or r.get("case")
+        if case not in cells:
+            order.append((r.get("where", ""), case))
+        cells[case][r["impl"]] = r
+    order.sort()
+    header = ["attention call", "calls", "batch"] + [f"{i}: µs (GB/s, % peak)" for i in impls]
+    if "fused" in impls:
+        header += [f"fused vs {i}" for i in impls if i != "fused"]
+    peak_tbps = next((r["peak_tbps"] for r in group if r.get("peak_tbps")), PEAK_TBPS)  # rows of one GPU
+    lines = []
+    per_image = defaultdict(float)  # µs of all the model's calls per image (sum over calls)
+    floor_per_image = 0.0
+    complete = defaultdict(lambda: True)
+    pct = {i: [] for i in impls}
+    for _, case in order:
+        c = cells[case]
+        any_row = next(iter(c.values()))
+        line = [case, any_row.get("calls", ""), any_row.get("batch", "")]
+        batch, calls = any_row.get("batch") or 1, any_row.get("calls") or 1
+        floor_per_image += (any_row.get("floor_ms") or 0.0) * 1e3 / batch * calls
+        for i in impls:
+            r = c.get(i)
+            if r is None or r.get(key) is None:
+                line.append("–")
+                complete[i] = False
+                pct[i].append(None)
+                continue
+            us = r[key] * 1e3
+            per_image[i] += us / batch * calls
+            gb_per_s, pct_of_peak = _bandwidth(r, r[key], key, peak_tbps)
+            pct[i].append(pct_of_peak)
+            line.append(f"{_num(us)} ({_num(gb_per_s)}, {_num(pct_of_peak, 2)}%)" if gb_per_s is not None
+                        else _num(us))
         if "fused" in impls:
-            header += [f"fused vs {i}" for i in impls if i != "fused"]
-        peak_tbps = next((r["peak_tbps"] for r in group if r.get("peak_tbps")), PEAK_TBPS)  # rows of one GPU
-        lines = []
-        per_image = defaultdict(float)  # µs of all the model's calls per image (sum over calls)
-        floor_per_image = 0.0
-        complete = defaultdict(lambda: True)
-        for _, key in order:
-            c = cells[key]
-            any_row = next(iter(c.values()))
-            line = [key, any_row.get("calls", ""), any_row.get("batch", "")]
-            batch, calls = any_row.get("batch") or 1, any_row.get("calls") or 1
-            floor_per_image += (any_row.get("floor_ms") or 0.0) * 1e3 / batch * calls
-            for i in impls:
-                r = c.get(i)
-                if r is None or r.get("median_ms") is None:
-                    line.append("–")
-                    complete[i] = False
-                    continue
-                us = r["median_ms"] * 1e3
-                per_image[i] += us / batch * calls
-                line.append(f"{_num(us)} ({_num(r.get('gb_per_s'))}, {_num(r.get('pct_of_peak'), 2)}%)"
-                            if r.get("gb_per_s") is not None else _num(us))
-            if "fused" in impls:
-                fused = c.get("fused", {}).get("median_ms")
-                line += [_speedup(fused, c.get(i, {}).get("median_ms")) for i in impls if i != "fused"]
-            lines.append(line)
-        total = ["**all calls, µs per image**", "", ""]
-        total += [(_num(per_image[i]) if complete[i] else f"({_num(per_image[i])}, incomplete)") for i in impls]
-        if "fused" in impls:
-            total += [_speedup(per_image["fused"], per_image[i]) if complete[i] and complete["fused"] else "–"
-                      for i in impls if i != "fused"]
-        lines.append(total)
-        out.append(f"### Attention ops: {model}, {dtype}, {pass_}")
-        out.append("")
-        out.append(_table(header, lines))
-        out.append("")
-        out.append(f"Bytes floor (read qkv once, write out once{', plus the backward' if pass_ == 'fwd+bwd' else ''}) "
-                   f"at {peak_tbps} TB/s: {_num(floor_per_image)} µs per image for all calls.")
-        out.append("")
-        plots.append((f"{model} {dtype} {pass_}: % of {peak_tbps} TB/s", [k for _, k in order],
-                      {i: [cells[k].get(i, {}).get("pct_of_peak") for _, k in order] for i in impls}, "% of peak"))
+            fused = c.get("fused", {}).get(key)
+            line += [_speedup(fused, c.get(i, {}).get(key)) for i in impls if i != "fused"]
+        lines.append(line)
+    total = ["**all calls, µs per image**", "", ""]
+    total += [(_num(per_image[i]) if complete[i] else f"({_num(per_image[i])}, incomplete)") for i in impls]
+    if "fused" in impls:
+        total += [_speedup(per_image["fused"], per_image[i]) if complete[i] and complete["fused"] else "–"
+                  for i in impls if i != "fused"]
+    lines.append(total)
+    out = [f"### Attention ops: {model}, {dtype}, {pass_}: {timer}", "", _table(header, lines), ""]
+    out.append(f"Bytes floor (read qkv once, write out once{', plus the backward' if pass_ == 'fwd+bwd' else ''}) "
+               f"at {peak_tbps} TB/s: {_num(floor_per_image)} µs per image for all calls.")
+    out.append("")
+    short = "GPU time" if key == "graph_ms" else "do_bench"
+    plots.append((f"{model} {dtype} {pass_} ({short}): % of {peak_tbps} TB/s", [k for _, k in order], pct,
+                  "% of peak"))
     return out
 
 
@@ -244,7 +275,11 @@ def render(rows: list[dict], meta: dict, name: str) -> tuple[str, list]:
         suites[r.get("suite") or "other"].append(r)
     if suites.get("op"):
         out += ["## Attention ops (GPU)", "",
-                "µs = median of `triton.testing.do_bench`; GB/s counts the least traffic any implementation needs "
+                "Two timers, each table names its own: *GPU time* captures the calls in one CUDA graph "
+                "(`triton.testing.do_bench_cudagraph`, median), so it measures the kernels; *with launches* is "
+                "`triton.testing.do_bench`'s median of calls launched from Python one by one, which is host time "
+                "wherever the host takes longer to launch a call than the GPU takes to run it. "
+                "GB/s counts the least traffic any implementation needs "
                 "(read qkv once, write the output once; the backward also reads qkv, out and d_out and writes d_qkv); "
                 "% of the GPU's measured copy bandwidth (H100 3.0 TB/s, H200 4.3 TB/s; each table's floor line names "
                 "it). `official-5d` is the official model's 5-D SDPA call (the baseline), `eager` our 4-D SDPA "

@@ -1,8 +1,10 @@
 """Timing, throughput and model-building helpers shared by ``hiera-fast bench`` and ``benchmarks/``.
 
 Timing. On CUDA, :func:`time_ms` is ``triton.testing.do_bench`` (median of ``rep`` ms of runs after ``warmup`` ms,
-L2 flushed before each run) and :func:`time_iterations` records a pair of CUDA events around each iteration (so a
-progress bar can tick); on a CPU both use ``time.perf_counter``. Peak memory is measured in a separate run, because
+L2 flushed before each run; the host's launch cost counts where it exceeds the GPU work), :func:`time_graph_ms` the
+GPU time alone (runs captured in a CUDA graph), and :func:`time_iterations` records a pair of CUDA events around
+each iteration (so a progress bar can tick); on a CPU :func:`time_ms` and :func:`time_iterations` use
+``time.perf_counter``. Peak memory is measured in a separate run, because
 ``do_bench`` allocates its own 256 MB L2-flush buffer.
 
 Bytes model of one attention call (DESIGN.md §5): the least traffic any implementation needs. The forward reads
@@ -236,6 +238,20 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
 
         return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
     return statistics.median(time_iterations(fn, device, iters=cpu_iters, warmup=1, grad_to_none=grad_to_none))
+
+
+def time_graph_ms(fn: Callable[[], object], device: torch.device | str, *, rep: int = 20,
+                  grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of ``fn()`` as GPU time alone: ``triton.testing.do_bench_cudagraph``, which captures many
+    runs of ``fn`` in one CUDA graph and times its replays, so the host's cost of launching (Python, dispatch,
+    autograd) is not in the number. :func:`time_ms` measures with the launches: when the host is slower than the GPU
+    work of a call, that is host time. L2 is not flushed between the captured runs (the op benchmarks size their
+    inputs past L2). CUDA only; raises whatever capture raises for an ``fn`` that cannot be captured."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"time_graph_ms needs a CUDA device, got {device}")
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def time_iterations(fn: Callable[[], object], device: torch.device | str, *, iters: int, warmup: int,

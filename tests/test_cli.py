@@ -164,3 +164,28 @@ def test_report_markdown(tmp_path):
         assert (tmp_path / "h100.png").exists()
     except ImportError:
         assert "skipped the plot" in plot_line
+
+
+def test_report_op_tables_per_timer(tmp_path):
+    """Op rows with ``graph_ms`` get a GPU-time table first (bandwidth from the byte count and that time), then the
+    do_bench table; a call that could not be captured is listed with its reason."""
+    geo = dict(model="hiera_base_224", dtype="bf16", batch=256, calls=2, geometry="stage1.0 3136 mask-unit",
+               where="stage1.0", floor_ms=0.206, case="hiera_base_224 stage1.0", peak_tbps=3.0, bytes=600e6,
+               **{"pass": "fwd+bwd"})
+    rows = [_row("op", "fused", 0.9, graph_ms=0.3, **geo),  # 600 MB in 0.3 ms = 2,000 GB/s, 67 % of 3 TB/s
+            _row("op", "eager", 3.0, graph_ms=1.2, **geo),
+            _row("op", "official-5d", 9.0, graph_error="RuntimeError: capture failed", **geo)]
+    path = tmp_path / "ops.json"
+    path.write_text(json.dumps({"benchmarks": rows, "machine_info": {}, "commit_info": {}, "datetime": "x"}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", str(path), "--out", str(tmp_path), "--no-plot"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "ops.md").read_text()
+    gpu = md.index("hiera_base_224, bf16, fwd+bwd: GPU time")
+    launches = md.index("hiera_base_224, bf16, fwd+bwd: with launches")
+    assert gpu < launches
+    gpu_table, launch_table = md[gpu:launches], md[launches:]
+    assert "300 (2,000, 67%)" in gpu_table and "4.00x" in gpu_table  # eager 1.2 ms vs fused 0.3 ms
+    assert "| – |" in gpu_table and "incomplete" in gpu_table  # official-5d has no GPU time
+    assert "900 (667, 22%)" in launch_table and "10.00x" in launch_table  # official 9 ms vs fused 0.9 ms
+    assert "official-5d, stage1.0 3136 mask-unit: RuntimeError: capture failed" in md
