@@ -46,8 +46,13 @@ def test_bf16_model_fused_equals_eager():
     assert (got - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
 
 
-def test_cuda_graphs_training_step():
-    """torch.compile(mode="reduce-overhead") captures the fused forward+backward in CUDA graphs."""
+@pytest.mark.parametrize("global_attention", [
+    "triton",  # pinned by tests/conftest.py: every attention call runs our kernels
+    pytest.param("sdpa", marks=pytest.mark.default_global_attention),  # what fused=True runs by default on CUDA
+])
+def test_cuda_graphs_training_step(global_attention):
+    """torch.compile(mode="reduce-overhead") captures the fused forward+backward in CUDA graphs, with global attention
+    by our kernel and by the default SDPA route; losses and gradients equal eager's."""
     # mask ratio 0.5 keeps 2 of the 4 mask units, so the windowed blocks are windowed (one kept window is global
     # attention, which fused=True runs by SDPA on CUDA unless pinned to our kernel, as tests/conftest.py does)
     eager = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5)), std=0.05).cuda()
@@ -64,6 +69,7 @@ def test_cuda_graphs_training_step():
         loss.backward()
     launched = ops.kernel_launches - before
     assert launched["mask_unit_attention_fwd"] > 0 and launched["mask_unit_attention_bwd"] > 0
+    assert (launched["global_attention_sdpa"] > 0) == (global_attention == "sdpa"), launched
     for _ in range(3):  # the same gradient accumulation, eager
         ref = eager(x, noise=noise).loss
         ref.backward()
