@@ -4,7 +4,7 @@ Each op takes ``fused=``. ``fused=False`` runs the eager PyTorch reference (:mod
 ``fused=True`` runs a ``torch.library`` custom op (so ``torch.compile`` sees one opaque node with a fake
 implementation and a registered autograd formula) whose body picks a backend from the tensor's device:
 
-- CUDA tensor → the Triton kernels;
+- CUDA tensor → the Triton kernels (on GPUs of compute capability 8.0 or newer; older ones take the eager path);
 - CPU tensor with ``TRITON_INTERPRET=1`` set before Triton kernels were defined → the same kernels under
   Triton's interpreter (slow; this is how the kernels are tested without a GPU);
 - anything else → the eager reference, with one warning saying why.
@@ -84,7 +84,8 @@ def kernels_interpreted() -> bool | None:
 
 def fused_backend(device: torch.device | str) -> tuple[str, str]:
     """``(backend, reason)`` that ``fused=True`` uses for tensors on ``device``: "triton", "triton-interpreter" or
-    "eager". Imports the kernels if they are not imported yet (with the current ``TRITON_INTERPRET``)."""
+    "eager". Imports the kernels if they are not imported yet (with the current ``TRITON_INTERPRET``). A CUDA GPU
+    needs compute capability :data:`MIN_CUDA_CAPABILITY` (8.0, Ampere) or newer; older ones get "eager"."""
     device = torch.device(device)
     if _kernel_modules() is None:
         return "eager", "Triton (or the hiera_fast.kernels modules) could not be imported"
@@ -93,6 +94,11 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
         if interpreted:
             return "eager", ("the kernels were defined under TRITON_INTERPRET=1 (Triton's interpreter), which cannot "
                              "launch them on CUDA: unset it before hiera_fast's kernels are imported")
+        if not torch.cuda.is_available():
+            return "eager", "no CUDA device is available"
+        too_old = _cuda_capability_limit(device)
+        if too_old:
+            return "eager", too_old
         return "triton", "CUDA tensor: the Triton kernels run on the GPU"
     if device.type == "cpu":
         if interpreted:
@@ -103,15 +109,34 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
     return "eager", f"no Triton kernels for device type {device.type!r}"
 
 
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def _cuda_capability_limit(device: torch.device) -> str | None:
+    """Why the kernels should not run on this CUDA device (a GPU older than Ampere), or None.
+
+    Triton (3.8) builds them for sm_70/sm_75 too, but without tensor cores (no ``mma`` in the PTX) and with 2.8-8.6 KB
+    of register spills per thread in the windowed kernels (the compile lane's tooling, run for those targets). SDPA
+    uses the tensor cores there, so the eager path is the better bet; not measured, and the kernels were never run
+    on such a GPU."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= MIN_CUDA_CAPABILITY:
+        return None
+    need = ".".join(map(str, MIN_CUDA_CAPABILITY))
+    return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; the Triton kernels need "
+            f"{need} or newer (Ampere, Ada, Hopper, Blackwell): Triton builds them for older GPUs without tensor "
+            f"cores, where PyTorch's SDPA is the better choice")
+
+
 @functools.lru_cache(maxsize=None)
-def _backend_for(device_type: str) -> tuple[str, str]:
-    return fused_backend(device_type)  # fixed once the kernels are imported: cached
+def _backend_for(device: torch.device) -> tuple[str, str]:
+    return fused_backend(device)  # fixed per device once the kernels are imported: cached
 
 
 def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -> bool:
     """Whether ``op`` runs the Triton kernels on ``device``; ``unsupported`` is a shape the kernels do not take (see
     :func:`_kernel_shape_limit`). Warns once per op and reason when it falls back to the eager path."""
-    backend, reason = _backend_for(device.type)  # cached: this runs on every fused call
+    backend, reason = _backend_for(device)  # cached: this runs on every fused call
     if backend != "eager" and unsupported:
         backend, reason = "eager", unsupported
     if backend == "eager" and (op, reason) not in _warned:

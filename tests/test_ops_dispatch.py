@@ -179,6 +179,39 @@ print(torch.allclose(out, reference.mask_unit_attention_eager(qkv, 1, 2, 2)), le
     assert proc.stdout.split() == ["None", "eager", "False", "eager", "True", "True", "1"]
 
 
+def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
+    """A CUDA GPU below compute capability 8.0 gets the eager path with a reason naming the GPU and both
+    capabilities; 8.0 and newer get the kernels. The choice is per device (two GPUs may differ), cached per device."""
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{torch.device(device).index}")
+    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)  # as on a GPU machine
+    if ops._kernel_modules() is None:
+        pytest.skip("hiera_fast.kernels is not importable here")
+    backend, reason = ops.fused_backend("cuda:0")
+    assert backend == "eager"
+    assert "GPU0" in reason and "7.5" in reason and "8.0" in reason
+    assert ops.fused_backend("cuda:1") == ("triton", "CUDA tensor: the Triton kernels run on the GPU")
+    capability[0] = (8, 0)
+    assert ops.fused_backend("cuda:0")[0] == "triton"
+    ops._backend_for.cache_clear()
+    try:
+        capability[0] = (7, 0)
+        assert ops._backend_for(torch.device("cuda", 0))[0] == "eager"
+        assert ops._backend_for(torch.device("cuda", 1))[0] == "triton"
+    finally:
+        ops._backend_for.cache_clear()  # the monkeypatched answers must not outlive the test
+
+
+def test_fused_backend_for_cuda_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)
+    if ops._kernel_modules() is None:
+        pytest.skip("hiera_fast.kernels is not importable here")
+    assert ops.fused_backend("cuda") == ("eager", "no CUDA device is available")
+
+
 # ---------------------------------------------------------------------------------------------- autocast
 @needs_triton
 def test_autocast_gives_the_same_dtype_fused_or_not(device):
