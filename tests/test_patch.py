@@ -526,6 +526,39 @@ def test_compile_fullgraph(device):
     assert sum(launched.values()) == 0
 
 
+def _hf_checkpointing(use_reentrant: bool):
+    def enable(model):  # transformers 5.x renamed gradient_checkpointing_enable (deprecated there)
+        on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        on({"use_reentrant": use_reentrant})
+    return enable
+
+
+GRADIENT_CHECKPOINTING = {
+    "transformers-reentrant": ("transformers-classifier", _hf_checkpointing(True)),
+    "transformers-non-reentrant": ("transformers-classifier", _hf_checkpointing(False)),
+    "timm": ("timm", lambda m: m.set_grad_checkpointing(True)),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CHECKPOINTING))
+def test_gradient_checkpointing(case, device):
+    """With the library's gradient checkpointing on, a patched model gives the unpatched outputs and gradients, and
+    the fused forward runs twice per attention (the recompute in the backward), the backward once."""
+    name, enable = GRADIENT_CHECKPOINTING[case]
+    model, x = _build(name, device)
+    enable(model)
+    ref_out, ref_grads = _run(model, x)
+    patch(model)
+    before = ops.kernel_launches.copy()
+    out, grads = _run(model, x)
+    launched = ops.kernel_launches - before
+    attention, pooling = _attention_modules(model), _pooling_blocks(model)
+    assert launched["mask_unit_attention_fwd"] == 2 * attention and launched["mask_unit_attention_bwd"] == attention
+    assert launched["unrolled_max_pool_fwd"] == 2 * pooling and launched["unrolled_max_pool_bwd"] == pooling
+    _assert_close(out, ref_out, FP32_TOL, "output")
+    _assert_close(grads, ref_grads, FP32_TOL, "grad")
+
+
 # ------------------------------------------------------------------------------------------------ class level
 CLASS_LEVEL = {
     "transformers": (patch_transformers, unpatch_transformers, "transformers-classifier",
