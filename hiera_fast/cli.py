@@ -199,8 +199,7 @@ def _count_route(routes: collections.Counter, device: torch.device, module, args
     window count is the run-time one: an MAE keeping one mask unit runs its mask-unit blocks as global attention."""
     from . import ops
 
-    tokens = args[0].shape[1]
-    windows = tokens // (module.query_stride * module.window_size) if module.use_mask_unit_attn else 1
+    windows = ops.window_count(args[0].shape[1], module.query_stride, module.window_size, module.use_mask_unit_attn)
     if ops.runs_sdpa(windows, device):
         routes["sdpa"] += 1
         routes["sdpa_pooled"] += module.query_stride > 1

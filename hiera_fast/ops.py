@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from . import reference
 
 __all__ = ["mask_unit_attention", "unrolled_max_pool", "fused_backend", "kernel_launches", "check_qkv",
-           "global_attention_sdpa", "set_global_attention", "global_attention", "runs_sdpa"]
+           "global_attention_sdpa", "set_global_attention", "global_attention", "runs_sdpa", "window_count"]
 
 kernel_launches: collections.Counter = collections.Counter()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -212,10 +212,15 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, q_stride: int, window_size: int
         if N % (q_stride * window_size):
             raise ValueError(f"qkv's token count N={N} must be divisible by q_stride * window_size = "
                              f"{q_stride} * {window_size}")
-        return N // (q_stride * window_size)
-    if N % q_stride:
+    elif N % q_stride:
         raise ValueError(f"qkv's token count N={N} must be divisible by q_stride={q_stride}")
-    return 1
+    return window_count(N, q_stride, window_size, use_mask_unit_attn)
+
+
+def window_count(tokens: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """Windows of an attention call over ``tokens`` (run-time) tokens: ``tokens // (q_stride * window_size)`` for
+    mask-unit attention, else 1 (global). No checks: :func:`check_qkv` validates and returns this."""
+    return tokens // (q_stride * window_size) if use_mask_unit_attn else 1
 
 
 def _check_pool(x: torch.Tensor, stride: int) -> None:
