@@ -7,7 +7,7 @@ reads only ``extra_info``.
 
 Timing: ops on CUDA use ``triton.testing.do_bench`` (median; warm-up first; L2 flushed) for ``median_ms``, which
 includes the host's launch cost where that exceeds the GPU work, and ``triton.testing.do_bench_cudagraph`` for
-``graph_ms``, the GPU time alone; models, training steps and every CPU case use the rounds pytest-benchmark runs (each
+``graph_ms``, the GPU time alone (L2 not flushed between the captured calls); models, training steps and every CPU case use the rounds pytest-benchmark runs (each
 round synchronizes the device), median.
 """
 
@@ -115,16 +115,29 @@ def record(benchmark, setup: Setup | None, **info) -> None:
         benchmark.extra_info[key] = value
 
 
+_GRAPH_FAILED: dict[str, str] = {}  # graph key -> why its first capture failed (later cases of it skip the capture)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first error of a chain: a failed CUDA-graph capture raises the capture's own end-of-capture error, with
+    the call's real error as its context."""
+    while err.__context__ is not None and err.__context__ is not err:
+        err = err.__context__
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds: int, warmup_rounds: int = 1,
             do_bench: bool = False, grad_to_none: Sequence[torch.Tensor] | None = None,
-            memory: bool = True, graph: bool = False) -> float:
+            memory: bool = True, graph: str | None = None) -> float:
     """Run ``fn`` under ``benchmark.pedantic`` (each round synchronized) and return the median ms: of those rounds, or
     of ``triton.testing.do_bench`` when ``do_bench`` and on CUDA. Records ``median_ms``, ``timer`` and
     ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``.
 
-    With ``graph`` on CUDA also records ``graph_ms``: the GPU time alone (:func:`hiera_fast.bench.time_graph_ms`,
-    runs captured in a CUDA graph), or ``graph_error`` when ``fn`` cannot be captured; it runs after the other
-    timings, so a failed capture costs that one number only."""
+    With a ``graph`` key (e.g. the implementation's name) on CUDA also records ``graph_ms``: the GPU time alone
+    (:func:`hiera_fast.bench.time_graph_ms`, runs captured in a CUDA graph, L2 warm), or ``graph_error`` when ``fn``
+    cannot be captured. It runs after the other timings. A failed capture keeps its memory pool until the process
+    ends (torch frees a graph's pool only after a finished capture), so after one failure the key's later cases
+    skip the capture and say so."""
     times: list[float] = []
 
     def target():
@@ -152,10 +165,13 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     if memory:
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)
     if graph and device.type == "cuda":
+        if graph in _GRAPH_FAILED:
+            benchmark.extra_info["graph_error"] = f"not captured: an earlier {graph} case failed ({_GRAPH_FAILED[graph]})"
+            return median
         try:
             benchmark.extra_info["graph_ms"] = bench.time_graph_ms(fn, device, grad_to_none=grad_to_none)
         except Exception as err:  # noqa: BLE001  (recorded: the row keeps its other numbers)
-            benchmark.extra_info["graph_error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            _GRAPH_FAILED[graph] = benchmark.extra_info["graph_error"] = _root_cause(err)
             with contextlib.suppress(Exception):  # a broken context shows in the next case, which fails on its own
                 bench.synchronize(device)
     return median

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements in one command, sized to fit one device call (~9 minutes of an
 # H100/H200 after the machine starts): GPU parity tests (bf16 included, CUDA graphs), the bf16 op benchmark
-# (fused vs eager 4-D SDPA vs the official 5-D call; each timed with launches and as GPU time in a CUDA graph), the Hiera-B MAE training step (eager / fused /
-# fused + CUDA graphs / official / hiera-optim), Hiera-B inference at batch 256, and the markdown report.
+# (fused vs eager 4-D SDPA vs the official 5-D call; each timed with launches and as GPU time in a CUDA graph), the
+# Hiera-B MAE training step (eager / fused / fused + CUDA graphs / official / hiera-optim), Hiera-B inference at
+# batch 256, and the markdown report. The parity sweep is ordered to be cut by its step's limit (exit 124).
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
@@ -67,8 +68,8 @@ step info 60 "$python" -m hiera_fast info
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
 
 # most important first; RESERVE keeps time for the reports at the end. The step limits (120 + 200 + 100 + 60 s) add
-# up to the budget left after the setup steps (~15 s) and RESERVE, so the last step is not starved. Inside each step the cases are
-# ordered most important first too (bf16 before fp32, the baselines before the compiled variants).
+# up to the budget left after the setup steps (~15 s) and RESERVE, so the last step is not starved. Inside each step
+# the cases are ordered most important first too (bf16 first, the baselines before the compiled variants).
 export RESERVE=30
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
 steps=" ${STEPS:-gpu-tests bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps

@@ -274,12 +274,15 @@ def render(rows: list[dict], meta: dict, name: str) -> tuple[str, list]:
     for r in rows:
         suites[r.get("suite") or "other"].append(r)
     if suites.get("op"):
+        timers = ("Two timers, each table names its own: *GPU time* captures the calls in one CUDA graph and "
+                  "replays them back to back (`triton.testing.do_bench_cudagraph`, median; L2 not flushed), so it "
+                  "measures the kernels; *with launches* is `triton.testing.do_bench`'s median of calls launched from "
+                  "Python one by one after an L2 flush, which is host time wherever the host takes longer to launch "
+                  "a call than the GPU takes to run it. "
+                  if any(r.get("graph_ms") is not None for r in suites["op"]) else
+                  "µs = median of `triton.testing.do_bench` (calls launched from Python one by one, L2 flushed). ")
         out += ["## Attention ops (GPU)", "",
-                "Two timers, each table names its own: *GPU time* captures the calls in one CUDA graph "
-                "(`triton.testing.do_bench_cudagraph`, median), so it measures the kernels; *with launches* is "
-                "`triton.testing.do_bench`'s median of calls launched from Python one by one, which is host time "
-                "wherever the host takes longer to launch a call than the GPU takes to run it. "
-                "GB/s counts the least traffic any implementation needs "
+                timers + "GB/s counts the least traffic any implementation needs "
                 "(read qkv once, write the output once; the backward also reads qkv, out and d_out and writes d_qkv); "
                 "% of the GPU's measured copy bandwidth (H100 3.0 TB/s, H200 4.3 TB/s; each table's floor line names "
                 "it). `official-5d` is the official model's 5-D SDPA call (the baseline), `eager` our 4-D SDPA "

@@ -10,10 +10,10 @@ fp16 and bf16, four implementations on the same qkv:
                    ``q_idx % nw == kv_idx % nw`` (pooled query rows are ``r * nw + w`` too), compiled.
 
 Batches start at 256 images / 8 clips and double until one forward call moves >= 200 MB (past the 50 MB L2).
-``median_ms`` is ``triton.testing.do_bench``'s median: each call launched from Python, so where the host takes longer
-to launch a call than the GPU takes to run it, that is host time. ``graph_ms`` is the GPU time alone
-(``triton.testing.do_bench_cudagraph``: the calls captured in one CUDA graph), the number that says how fast the
-kernels are; ``graph_error`` says why a call could not be captured. ``gb_per_s`` / ``pct_of_peak`` (of
+``median_ms`` is ``triton.testing.do_bench``'s median: each call launched from Python after an L2 flush, so where the
+host takes longer to launch a call than the GPU takes to run it, that is host time. ``graph_ms`` is the GPU time
+alone (``triton.testing.do_bench_cudagraph``: the calls captured in one CUDA graph and replayed back to back, L2 not
+flushed), the number that says how fast the kernels are; ``graph_error`` says why a call could not be captured. ``gb_per_s`` / ``pct_of_peak`` (of
 ``median_ms``) and ``graph_gb_per_s`` / ``graph_pct_of_peak`` use the minimum-traffic bytes model of
 :mod:`hiera_fast.bench` against the GPU's measured copy bandwidth (``bench.peak_bandwidth``).
 """
@@ -127,7 +127,7 @@ def test_attention(benchmark, gpu, case, pass_, dtype, impl):
            q_per_window=g.q_per_window, kv_per_window=g.kv_per_window, num_heads=g.num_heads, head_dim=g.head_dim,
            q_stride=g.q_stride, **{"pass": pass_})
     ms = measure(benchmark, fn, device, rounds=1 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 2,
-                 do_bench=True, grad_to_none=[qkv] if backward else None, graph=True)
+                 do_bench=True, grad_to_none=[qkv] if backward else None, graph=f"{impl} {pass_}")
     moved = g.bytes_moved(batch, dtype, backward)
     peak = bench.peak_bandwidth(device)
     benchmark.extra_info.update(bytes=moved, tflops=g.flops(batch, backward) / (ms * 1e-3) / 1e12,

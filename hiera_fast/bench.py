@@ -236,7 +236,8 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+        with torch.cuda.device(device):  # its events and L2-flush buffer belong to the current device
+            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
     return statistics.median(time_iterations(fn, device, iters=cpu_iters, warmup=1, grad_to_none=grad_to_none))
 
 
@@ -251,7 +252,8 @@ def time_graph_ms(fn: Callable[[], object], device: torch.device | str, *, rep: 
         raise ValueError(f"time_graph_ms needs a CUDA device, got {device}")
     from triton.testing import do_bench_cudagraph
 
-    return float(do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    with torch.cuda.device(device):  # its side stream and graph belong to the current device
+        return float(do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def time_iterations(fn: Callable[[], object], device: torch.device | str, *, iters: int, warmup: int,

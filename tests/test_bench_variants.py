@@ -83,3 +83,55 @@ def test_cuda_graph_row_fails_when_inductor_skips_graphs(impl, fails):
     else:
         assert first_run_or_skip(step_that_skips_graphs, impl, 1, torch.device("cpu")) is None
     assert first_run_or_skip(lambda: None, "fused+cudagraphs", 1, torch.device("cpu")) is None  # no skip: passes
+
+
+def test_graph_timing_records_the_root_cause_and_stops_after_a_failed_capture(monkeypatch):
+    """``measure(..., graph=key)`` on CUDA: the GPU time of a capturable call as ``graph_ms``; for a call that cannot
+    be captured, the first error of the chain (a failed capture re-raises torch's end-of-capture error, the real one
+    is its context) as ``graph_error``, and later cases of the same key skip the capture (each failed one leaks its
+    memory pool) while other keys still capture. (CUDA is faked: the timers are replaced.)"""
+    from benchmarks import common
+
+    class FakeBenchmark:
+        has_error = False
+
+        def __init__(self):
+            self.extra_info = {}
+
+        def pedantic(self, target, rounds, warmup_rounds, iterations):
+            for _ in range(rounds + warmup_rounds):
+                target()
+
+    captures = []
+
+    def time_graph_ms(fn, device, grad_to_none=None):
+        captures.append(fn)
+        if fn is failing:
+            try:
+                raise ValueError("the real cause")
+            except ValueError:
+                raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+        return 0.25
+
+    def failing():
+        return None
+
+    def capturable():
+        return None
+
+    monkeypatch.setattr(common.bench, "time_ms", lambda fn, device, grad_to_none=None: 1.0)
+    monkeypatch.setattr(common.bench, "time_graph_ms", time_graph_ms)
+    monkeypatch.setattr(common.bench, "synchronize", lambda device: None)
+    monkeypatch.setattr(common, "_GRAPH_FAILED", {})
+    cuda = torch.device("cuda")
+    rows = []
+    for fn, key in ((capturable, "fused fwd"), (failing, "official-5d fwd"), (failing, "official-5d fwd"),
+                    (capturable, "official-5d fwd+bwd")):
+        row = FakeBenchmark()
+        assert common.measure(row, fn, cuda, rounds=1, do_bench=True, memory=False, graph=key) == 1.0
+        rows.append(row.extra_info)
+    assert rows[0]["graph_ms"] == 0.25 and "graph_error" not in rows[0]
+    assert rows[1]["graph_error"] == "ValueError: the real cause" and "graph_ms" not in rows[1]
+    assert rows[2]["graph_error"].startswith("not captured: an earlier official-5d fwd case failed (ValueError")
+    assert rows[3]["graph_ms"] == 0.25
+    assert captures == [capturable, failing, capturable]  # the third case did not try to capture
