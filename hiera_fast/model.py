@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import ops
@@ -170,13 +171,20 @@ class HieraLayer(nn.Module):
 
 
 class HieraStage(nn.Module):
+    """A stage's layers in order. With ``gradient_checkpointing`` (set by
+    :meth:`HieraPreTrainedModel.gradient_checkpointing_enable`), training forwards that record gradients keep only
+    each layer's input and run the layer again in the backward (``torch.utils.checkpoint``, non-reentrant; the RNG
+    state is replayed, so drop path draws the same samples)."""
+
     def __init__(self, layers: list[HieraLayer]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         return x
 
 
@@ -238,6 +246,24 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, HieraMaskUnitAttention):
                 m.fused = bool(value)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer in the backward instead of keeping its activations (training only): less
+        memory, one more forward of the encoder per step. Fused or not, under ``torch.compile`` too. The MAE decoder
+        is not checkpointed."""
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, HieraStage))
+
+    def _set_gradient_checkpointing(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, HieraStage):
+                m.gradient_checkpointing = value
 
     def _init_weights(self) -> None:
         """transformers' initialisation (truncated normal, biases = initializer_range)."""

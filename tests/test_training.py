@@ -133,3 +133,81 @@ def test_autocast_gradients_in_parameter_dtype(device):
     with torch.autocast(device, dtype=torch.float16):
         ref = eager(x, labels=labels).loss
     assert abs(loss.item() - ref.item()) <= 2e-2 * max(1.0, abs(ref.item()))
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # drop path draws the same samples on every run
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["classifier", "mae"])
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_gradient_checkpointing(kind, fused, device):
+    """``gradient_checkpointing_enable()``: the same loss and gradients (drop path on: the RNG is replayed), each
+    encoder layer's attention runs its forward twice per step (the recompute), and nothing changes in eval or under
+    ``no_grad``; ``gradient_checkpointing_disable()`` turns it off."""
+    gen = torch.Generator().manual_seed(3)
+    batch = dict(pixel_values=torch.randn(1, 3, 64, 64, generator=gen).to(device))
+    if kind == "mae":
+        model = H.HieraForPreTraining(tiny_mae_config(depths=(1, 1, 1, 1), drop_path_rate=0.3))
+        batch["noise"] = torch.rand(1, 4, generator=gen).to(device)
+    else:
+        model = H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1), drop_path_rate=0.3))
+        batch["labels"] = torch.randint(0, 7, (1,), generator=gen).to(device)
+    model = randomize_(model, std=0.05).to(device).train()
+    model.fused = fused
+    layers = sum(isinstance(m, H.model.HieraLayer) for m in model.hiera.encoder.modules())
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    forwards = []
+    hooks = [m.register_forward_hook(lambda *args: forwards.append(1))
+             for m in model.hiera.encoder.modules() if isinstance(m, H.model.HieraMaskUnitAttention)]
+    before = ops.kernel_launches.copy()
+    loss, grads = _loss_and_grads(model, batch)
+    launched = ops.kernel_launches - before
+    assert len(forwards) == 2 * layers  # every encoder layer ran again in the backward
+    if fused:
+        assert launched["mask_unit_attention_bwd"] > 0
+        assert launched["mask_unit_attention_fwd"] == 2 * launched["mask_unit_attention_bwd"]
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert max_abs(g, ref_grads[name]) <= 1e-5 * max(ref_grads[name].abs().max().item(), 1e-6), name
+    forwards.clear()
+    with torch.no_grad():
+        model(**batch)
+    model.eval()
+    model(**batch).loss.backward()
+    assert len(forwards) == 2 * layers  # one forward each: no recompute without grad or in eval
+    model.train().gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    for hook in hooks:
+        hook.remove()
+
+
+def test_gradient_checkpointing_compiles_fullgraph(device):
+    """Checkpointed layers trace with ``torch.compile(fullgraph=True)`` (aot_eager: the graph, not inductor's code),
+    recompute the fused forward in the backward, and give the uncompiled, uncheckpointed gradients."""
+    torch._dynamo.reset()
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1))), std=0.05)
+    model = model.to(device).train()
+    model.fused = True
+    x = torch.randn(1, 3, 64, 64, device=device)
+    ref_loss, ref_grads = _loss_and_grads(model, dict(pixel_values=x, labels=torch.tensor([3], device=device)))
+    model.gradient_checkpointing_enable()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    before = ops.kernel_launches.copy()
+    loss, grads = _loss_and_grads(compiled, dict(pixel_values=x, labels=torch.tensor([3], device=device)))
+    launched = ops.kernel_launches - before
+    assert launched["mask_unit_attention_bwd"] > 0
+    assert launched["mask_unit_attention_fwd"] == 2 * launched["mask_unit_attention_bwd"]
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert len(grads) == len(ref_grads)
+    for name, g in grads.items():
+        name = name.removeprefix("_orig_mod.")
+        assert max_abs(g, ref_grads[name]) <= 1e-5 * max(ref_grads[name].abs().max().item(), 1e-6), name
