@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import cached_config, next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row, token_row
 
 __all__ = ["mask_unit_attention_backward", "attention_backward_config", "attention_backward_plan", "KERNELS"]
 
@@ -283,7 +283,7 @@ def attention_backward_config(head_dim: int, tokens_per_window: int, q_stride: i
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                   DOT_PRECISION="ieee")
     max_keys = (64 if block_d <= 16 else 16) if wide else (32 if block_d > 128 else 64)
-    pack = max(triton.cdiv(16, T_out), max_keys // T, 1)
+    pack = max(cdiv(16, T_out), max_keys // T, 1)
     block_m, block_n = max(16, next_power_of_2(pack * T_out)), max(16, next_power_of_2(pack * T))
     if block_n <= max_keys:
         warps = 8 if block_m * block_d >= 64 * 64 or block_n * block_d >= 64 * 128 or wide else 4
@@ -321,14 +321,14 @@ def attention_backward_plan(grad_out, qkv, out, lse, d_qkv, num_heads: int, q_st
     if cfg["variant"] == "window":
         pack = cfg["windows_per_program"]
         args = (grad_out, qkv, out, lse, d_qkv, *strides, *o_lse, *dq_strides, *geometry, pack, C, scale)
-        return [("window", (num_heads, triton.cdiv(num_windows, pack), B), args, launch["window"])]
+        return [("window", (num_heads, cdiv(num_windows, pack), B), args, launch["window"])]
     delta = torch.empty(lse.shape, dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32,
                         device=qkv.device)
     dq_args = (grad_out, qkv, out, lse, delta, d_qkv, *strides, *o_lse, *dq_strides, num_heads, *geometry, C, scale)
     dkdv_args = (grad_out, qkv, lse, delta, d_qkv, *strides, *lse.stride(), *dq_strides, num_heads, *geometry, C,
                  scale)
-    return [("dq", (triton.cdiv(T_out, launch["dq"]["BLOCK_M"]), num_heads * num_windows, B), dq_args, launch["dq"]),
-            ("dkdv", (triton.cdiv(T, launch["dkdv"]["BLOCK_N"]), num_heads * num_windows, B), dkdv_args,
+    return [("dq", (cdiv(T_out, launch["dq"]["BLOCK_M"]), num_heads * num_windows, B), dq_args, launch["dq"]),
+            ("dkdv", (cdiv(T, launch["dkdv"]["BLOCK_N"]), num_heads * num_windows, B), dkdv_args,
              launch["dkdv"])]
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import cached_config, next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row, token_row
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
     wide = dtype in (torch.float32, torch.float64)
     tile = (64 if block_d <= 16 else 16) if wide else 64
     if T <= tile:  # windowed: pack small windows
-        wp = max(1, min(num_windows, max(triton.cdiv(16, T_out), tile // T)))
+        wp = max(1, min(num_windows, max(cdiv(16, T_out), tile // T)))
         block_m = min(tile, max(16, next_power_of_2(wp * T_out)))
         block_n = min(tile, max(16, next_power_of_2(wp * T)))
     else:  # one window per program, flash loop
@@ -236,8 +236,8 @@ def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int
     lse = torch.empty(shape, device=qkv.device, dtype=torch.float32) if lse_out is None else lse_out
     if out.numel() == 0:  # an empty batch: nothing to launch (CUDA rejects a grid axis of 0)
         return (out, lse) if return_lse else out
-    num_q_blocks = triton.cdiv(wp * (T // q_stride), cfg["BLOCK_M"])
-    grid = (num_heads * num_q_blocks * triton.cdiv(num_windows, wp), B)
+    num_q_blocks = cdiv(wp * (T // q_stride), cfg["BLOCK_M"])
+    grid = (num_heads * num_q_blocks * cdiv(num_windows, wp), B)
     _mask_unit_attn_fwd_kernel[grid](
         qkv, out, lse, qkv.stride(0), qkv.stride(1),
         num_heads, num_windows, T, wp, num_q_blocks,

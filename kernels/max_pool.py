@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import next_power_of_2, pooled_query_row
+from .unrolled_layout import cdiv, next_power_of_2, pooled_query_row
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def _launch_shape(x: torch.Tensor, stride: int):
     B, N, C = x.shape
     cfg = max_pool_config(C, stride)
     num_warps = cfg.pop("num_warps")
-    grid = (triton.cdiv(N // stride, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]), B)
+    grid = (cdiv(N // stride, cfg["BLOCK_R"]), cdiv(C, cfg["BLOCK_C"]), B)
     return x, cfg, num_warps, grid
 
 

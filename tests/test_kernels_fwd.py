@@ -107,6 +107,16 @@ def test_attention_forward_without_lse_allocates_output():
     assert rel_err(out, ref) <= FP32_REL_TOL
 
 
+def test_host_grid_helpers_equal_tritons():
+    """The launchers' plain-Python ``cdiv`` / ``next_power_of_2`` (cheaper per launch) give Triton's values."""
+    import triton
+
+    from hiera_fast.kernels.unrolled_layout import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 70000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 400) for b in range(1, 130))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_forward_config_is_valid(dtype: torch.dtype):
     """Cheap: every config the launcher can pick has dot-sized, power-of-two tiles that cover the head dim."""
