@@ -420,10 +420,12 @@ class HieraModel(HieraPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None,
                 bool_masked_pos: torch.Tensor | None = None, output_hidden_states: bool = False,
                 interpolate_pos_encoding: bool = False, return_dict: bool = True, *,
-                keep_ids: torch.Tensor | None = None):
+                keep_ids: torch.Tensor | None = None, check_keep_ids: bool = True):
         """``keep_ids`` (``[B, K]`` ascending visible-window ids of ``bool_masked_pos``, e.g.
         ``torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]``) fixes K without reading it off the
-        mask; in eager mode they are checked against the mask."""
+        mask; in eager mode they are checked against the mask, which reads the result on the host (a device-to-host
+        sync that stalls a GPU training loop) unless ``check_keep_ids=False`` (for ids made from that mask, as
+        HieraForPreTraining does)."""
         config = self.config
         tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
         mask_shape = [t // mu for t, mu in zip(tokens, config.masked_unit_size)]
@@ -440,7 +442,7 @@ class HieraModel(HieraPreTrainedModel):
             bool_masked_pos = _check_mask(bool_masked_pos, B, num_windows)
             if keep_ids is None:
                 keep_ids = _keep_ids_from_mask(bool_masked_pos)
-            elif not torch.compiler.is_compiling() and not torch.equal(
+            elif check_keep_ids and not torch.compiler.is_compiling() and not torch.equal(
                     keep_ids, _keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1])):
                 raise ValueError("keep_ids must be the ascending visible-unit ids of bool_masked_pos")
         elif self.is_mae:
@@ -628,8 +630,10 @@ class HieraForPreTraining(HieraPreTrainedModel):
             raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         else:
             bool_masked_pos = _check_mask(bool_masked_pos, pixel_values.shape[0], num_windows)
-            keep_ids = _keep_ids_from_mask(bool_masked_pos, _num_keep(config, num_windows))
-        out = self.hiera(pixel_values, bool_masked_pos=bool_masked_pos, keep_ids=keep_ids, output_hidden_states=True)
+            keep_ids = _keep_ids_from_mask(bool_masked_pos, _num_keep(config, num_windows))  # checks the user's mask
+        # keep_ids were made from bool_masked_pos just above: no need to check them again (a host sync per step)
+        out = self.hiera(pixel_values, bool_masked_pos=bool_masked_pos, keep_ids=keep_ids, output_hidden_states=True,
+                         check_keep_ids=False)
         maps = out.reshaped_hidden_states
         maps = maps[1: config.num_query_pool + 1] + maps[-1:]  # pooled stages + last, [B, K, *mu_s, C_s]
         fused = self.encoder_norm(self.multiscale_fusion(maps))  # [B, K, *mu_final, C]

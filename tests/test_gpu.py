@@ -79,6 +79,27 @@ def test_cuda_graphs_training_step(global_attention):
             assert (p.grad - q.grad).abs().max().item() <= 1e-3 * max(q.grad.abs().max().item(), 1e-6), name
 
 
+@pytest.mark.parametrize("global_attention", [
+    "triton", pytest.param("sdpa", marks=pytest.mark.default_global_attention)])
+def test_fused_mae_training_step_has_no_host_sync(global_attention):
+    """The fused MAE forward + backward never waits for the GPU (``torch.cuda.set_sync_debug_mode("error")`` raises
+    at any sync): a sync per step would stall an eager training loop, which is host-bound at Hiera-B's sizes."""
+    model = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5), fused=True), std=0.05).cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    model(x).loss.backward()  # compiles the kernels first
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        before = ops.kernel_launches.copy()
+        model(x).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    launched = ops.kernel_launches - before
+    assert launched["mask_unit_attention_fwd"] > 0 and launched["mask_unit_attention_bwd"] > 0
+    assert (launched["global_attention_sdpa"] > 0) == (global_attention == "sdpa"), launched
+
+
 GLOBAL_CASES = [g for g in FULL_SIZE if g[2] == 1]
 
 

@@ -10,7 +10,7 @@ import torch
 
 import hiera_fast as H
 from hiera_fast import ops
-from helpers import max_abs, randomize_, tiny_image_config, tiny_mae_config
+from helpers import max_abs, randomize_, tiny_image_config, tiny_mae_config, tiny_video_config
 
 OPCHECK_CASES = [  # (B, T, nw, q_stride, heads, head_dim)
     (2, 16, 4, 4, 2, 8), (1, 64, 2, 1, 1, 16), (1, 49, 1, 1, 2, 8), (2, 16, 1, 4, 1, 12),
@@ -211,3 +211,30 @@ def test_gradient_checkpointing_compiles_fullgraph(device):
     for name, g in grads.items():
         name = name.removeprefix("_orig_mod.")
         assert max_abs(g, ref_grads[name]) <= 1e-5 * max(ref_grads[name].abs().max().item(), 1e-6), name
+
+
+@pytest.mark.parametrize("kind", ["mae", "mae-video", "classifier", "backbone"])
+def test_training_step_has_no_host_sync(kind):
+    """A training step (forward, loss, backward) never reads a device value on the host: such a sync stalls a GPU
+    training loop every step. Checked on the meta device, where every read of a value (``.item()``, ``bool()``,
+    ``torch.equal``, ``.tolist()``) raises. (MAE with its own random masking; a user's ``bool_masked_pos`` is
+    checked on the host, by design.) The fused ops are checked on a GPU (tests/test_gpu.py)."""
+    if kind == "mae":
+        model = H.HieraForPreTraining(tiny_mae_config())
+    elif kind == "mae-video":
+        model = H.HieraForPreTraining(tiny_video_config(image_size=(8, 64, 64), num_query_pool=2, decoder_hidden_size=16,
+                                                        decoder_depth=1, decoder_num_heads=2))
+    elif kind == "classifier":
+        model = H.HieraForImageClassification(tiny_image_config())
+    else:
+        model = H.HieraBackbone(tiny_image_config(out_features=["stage1", "stage2", "stage3", "stage4"]))
+    model = model.to("meta").train()
+    x = torch.randn(2, 3, *model.config.image_size, device="meta")
+    if kind == "classifier":
+        loss = model(x, labels=torch.zeros(2, dtype=torch.long, device="meta")).loss
+    elif kind == "backbone":
+        loss = sum(f.float().sum() for f in model(x).feature_maps)
+    else:
+        loss = model(x).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
