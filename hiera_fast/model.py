@@ -171,20 +171,27 @@ class HieraLayer(nn.Module):
 
 
 class HieraStage(nn.Module):
-    """A stage's layers in order. With ``gradient_checkpointing`` (set by
+    """A stage's layers in order. With ``gradient_checkpointing`` (set on the encoder's stages by
     :meth:`HieraPreTrainedModel.gradient_checkpointing_enable`), training forwards that record gradients keep only
-    each layer's input and run the layer again in the backward (``torch.utils.checkpoint``, non-reentrant; the RNG
-    state is replayed, so drop path draws the same samples)."""
+    each layer's input and run the layer again in the backward (``torch.utils.checkpoint`` with
+    ``checkpoint_kwargs``, non-reentrant unless they say otherwise; the RNG state is replayed, so drop path draws
+    the same samples)."""
+
+    gradient_checkpointing = False  # class defaults: a stage pickled before these attributes existed loads too
+    checkpoint_kwargs: dict = {}
 
     def __init__(self, layers: list[HieraLayer]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        kwargs = {"use_reentrant": False, **self.checkpoint_kwargs}
         for layer in self.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            x = torch.utils.checkpoint.checkpoint(layer, x, **kwargs)
         return x
 
 
@@ -247,23 +254,29 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
             if isinstance(m, HieraMaskUnitAttention):
                 m.fused = bool(value)
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each encoder layer in the backward instead of keeping its activations (training only): less
         memory, one more forward of the encoder per step. Fused or not, under ``torch.compile`` too. The MAE decoder
-        is not checkpointed."""
-        self._set_gradient_checkpointing(True)
+        is not checkpointed. ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+        (default ``use_reentrant=False``), as in transformers (whose Trainer passes them)."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(f"gradient_checkpointing_kwargs must be a dict or None, got "
+                            f"{type(gradient_checkpointing_kwargs).__name__}")
+        self._set_gradient_checkpointing(True, dict(gradient_checkpointing_kwargs or {}))
 
     def gradient_checkpointing_disable(self) -> None:
-        self._set_gradient_checkpointing(False)
+        self._set_gradient_checkpointing(False, {})
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, HieraStage))
+        return any(stage.gradient_checkpointing for stage in self._encoder_stages())
 
-    def _set_gradient_checkpointing(self, value: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, HieraStage):
-                m.gradient_checkpointing = value
+    def _encoder_stages(self) -> list[HieraStage]:
+        return [stage for m in self.modules() if isinstance(m, HieraEncoder) for stage in m.stages]
+
+    def _set_gradient_checkpointing(self, value: bool, kwargs: dict) -> None:
+        for stage in self._encoder_stages():
+            stage.gradient_checkpointing, stage.checkpoint_kwargs = value, kwargs
 
     def _init_weights(self) -> None:
         """transformers' initialisation (truncated normal, biases = initializer_range)."""

@@ -159,35 +159,59 @@ def test_gradient_checkpointing(kind, fused, device):
         batch["labels"] = torch.randint(0, 7, (1,), generator=gen).to(device)
     model = randomize_(model, std=0.05).to(device).train()
     model.fused = fused
-    layers = sum(isinstance(m, H.model.HieraLayer) for m in model.hiera.encoder.modules())
+    encoder = list(model.hiera.encoder.modules())
+    layers = sum(isinstance(m, H.model.HieraLayer) for m in encoder)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
     assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing
-    forwards = []
-    hooks = [m.register_forward_hook(lambda *args: forwards.append(1))
-             for m in model.hiera.encoder.modules() if isinstance(m, H.model.HieraMaskUnitAttention)]
+    forwards = {"encoder": 0, "decoder": 0}
+
+    def count(module, *args):
+        forwards["encoder" if any(module is m for m in encoder) else "decoder"] += 1
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, H.model.HieraMaskUnitAttention)]
+    decoder_layers = len(hooks) - layers
+    assert decoder_layers == (1 if kind == "mae" else 0)
     before = ops.kernel_launches.copy()
     loss, grads = _loss_and_grads(model, batch)
     launched = ops.kernel_launches - before
-    assert len(forwards) == 2 * layers  # every encoder layer ran again in the backward
+    assert forwards == {"encoder": 2 * layers, "decoder": decoder_layers}  # encoder layers ran again in the backward
     if fused:
         assert launched["mask_unit_attention_bwd"] > 0
-        assert launched["mask_unit_attention_fwd"] == 2 * launched["mask_unit_attention_bwd"]
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert max_abs(g, ref_grads[name]) <= 1e-5 * max(ref_grads[name].abs().max().item(), 1e-6), name
-    forwards.clear()
+    forwards.update(encoder=0, decoder=0)
     with torch.no_grad():
         model(**batch)
     model.eval()
     model(**batch).loss.backward()
-    assert len(forwards) == 2 * layers  # one forward each: no recompute without grad or in eval
+    assert forwards == {"encoder": 2 * layers, "decoder": 2 * decoder_layers}  # no recompute without grad, in eval
     model.train().gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
     for hook in hooks:
         hook.remove()
+
+
+def test_gradient_checkpointing_kwargs():
+    """transformers' signature: ``gradient_checkpointing_kwargs`` reach ``torch.utils.checkpoint`` (reentrant here,
+    which gives the same gradients); anything but a dict is a TypeError."""
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1))), std=0.05).train()
+    batch = dict(pixel_values=torch.randn(1, 3, 64, 64), labels=torch.tensor([2]))
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert all(stage.checkpoint_kwargs == {"use_reentrant": True} for stage in model.hiera.encoder.stages)
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss.item() == ref_loss.item() and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert max_abs(g, ref_grads[name]) <= 1e-6 * max(ref_grads[name].abs().max().item(), 1e-6), name
+    with pytest.raises(TypeError, match="gradient_checkpointing_kwargs must be a dict"):
+        model.gradient_checkpointing_enable(True)
+    model.gradient_checkpointing_disable()
+    assert all(not stage.gradient_checkpointing and stage.checkpoint_kwargs == {}
+               for stage in model.hiera.encoder.stages)
 
 
 def test_gradient_checkpointing_compiles_fullgraph(device):
