@@ -12,7 +12,7 @@ import torch
 
 import hiera_fast as H
 from hiera_fast import ops, reference
-from helpers import randomize_, tiny_mae_config
+from helpers import randomize_, tiny_image_config, tiny_mae_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,20 +79,33 @@ def test_cuda_graphs_training_step(global_attention):
             assert (p.grad - q.grad).abs().max().item() <= 1e-3 * max(q.grad.abs().max().item(), 1e-6), name
 
 
-@pytest.mark.parametrize("global_attention", [
-    "triton", pytest.param("sdpa", marks=pytest.mark.default_global_attention)])
-def test_fused_mae_training_step_has_no_host_sync(global_attention):
-    """The fused MAE forward + backward never waits for the GPU (``torch.cuda.set_sync_debug_mode("error")`` raises
-    at any sync): a sync per step would stall an eager training loop, which is host-bound at Hiera-B's sizes."""
-    model = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5), fused=True), std=0.05).cuda()
+@pytest.mark.parametrize("kind, global_attention", [
+    ("mae", "triton"), pytest.param("mae", "sdpa", marks=pytest.mark.default_global_attention),
+    ("classifier", "triton"), ("mae-checkpointed", "triton")])
+def test_fused_training_step_has_no_host_sync(kind, global_attention):
+    """A fused forward + backward never waits for the GPU (``torch.cuda.set_sync_debug_mode("error")`` raises at any
+    sync): a sync per step would stall an eager training loop, which is host-bound at Hiera-B's sizes."""
+    if kind == "classifier":
+        model = H.HieraForImageClassification(tiny_image_config(), fused=True)
+    else:
+        model = H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5), fused=True)
+    model = randomize_(model, std=0.05).cuda().train()
+    if kind == "mae-checkpointed":
+        model.gradient_checkpointing_enable()
     x = torch.randn(4, 3, 64, 64, device="cuda")
-    model(x).loss.backward()  # compiles the kernels first
+    labels = torch.zeros(4, dtype=torch.long, device="cuda")
+
+    def step():
+        out = model(x, labels=labels) if kind == "classifier" else model(x)
+        out.loss.backward()
+
+    step()  # compiles the kernels first
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         before = ops.kernel_launches.copy()
-        model(x).loss.backward()
+        step()
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     launched = ops.kernel_launches - before
