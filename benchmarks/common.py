@@ -7,8 +7,8 @@ reads only ``extra_info``.
 
 Timing: ops on CUDA use ``triton.testing.do_bench`` (median; warm-up first; L2 flushed) for ``median_ms``, which
 includes the host's launch cost where that exceeds the GPU work, and ``triton.testing.do_bench_cudagraph`` for
-``graph_ms``, the GPU time alone (L2 not flushed between the captured calls); models, training steps and every CPU case use the rounds pytest-benchmark runs (each
-round synchronizes the device), median.
+``graph_ms``, the GPU time alone (L2 not flushed between the captured calls); models, training steps and every CPU
+case use the rounds pytest-benchmark runs (each round synchronizes the device), median.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)
     if graph and device.type == "cuda":
         if graph in _GRAPH_FAILED:
-            benchmark.extra_info["graph_error"] = f"not captured: an earlier {graph} case failed ({_GRAPH_FAILED[graph]})"
+            benchmark.extra_info["graph_error"] = (f"not captured: an earlier {graph} case failed "
+                                                   f"({_GRAPH_FAILED[graph]})")
             return median
         try:
             benchmark.extra_info["graph_ms"] = bench.time_graph_ms(fn, device, grad_to_none=grad_to_none)

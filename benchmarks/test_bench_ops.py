@@ -13,9 +13,10 @@ Batches start at 256 images / 8 clips and double until one forward call moves >=
 ``median_ms`` is ``triton.testing.do_bench``'s median: each call launched from Python after an L2 flush, so where the
 host takes longer to launch a call than the GPU takes to run it, that is host time. ``graph_ms`` is the GPU time
 alone (``triton.testing.do_bench_cudagraph``: the calls captured in one CUDA graph and replayed back to back, L2 not
-flushed), the number that says how fast the kernels are; ``graph_error`` says why a call could not be captured. ``gb_per_s`` / ``pct_of_peak`` (of
-``median_ms``) and ``graph_gb_per_s`` / ``graph_pct_of_peak`` use the minimum-traffic bytes model of
-:mod:`hiera_fast.bench` against the GPU's measured copy bandwidth (``bench.peak_bandwidth``).
+flushed), the number that says how fast the kernels are; ``graph_error`` says why a call could not be captured.
+``gb_per_s`` / ``pct_of_peak`` (of ``median_ms``) and ``graph_gb_per_s`` / ``graph_pct_of_peak`` use the
+minimum-traffic bytes model of :mod:`hiera_fast.bench` against the GPU's measured copy bandwidth
+(``bench.peak_bandwidth``).
 """
 
 from __future__ import annotations

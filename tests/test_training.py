@@ -246,8 +246,8 @@ def test_training_step_has_no_host_sync(kind):
     if kind == "mae":
         model = H.HieraForPreTraining(tiny_mae_config())
     elif kind == "mae-video":
-        model = H.HieraForPreTraining(tiny_video_config(image_size=(8, 64, 64), num_query_pool=2, decoder_hidden_size=16,
-                                                        decoder_depth=1, decoder_num_heads=2))
+        model = H.HieraForPreTraining(tiny_video_config(image_size=(8, 64, 64), num_query_pool=2,
+                                                        decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=2))
     elif kind == "classifier":
         model = H.HieraForImageClassification(tiny_image_config())
     else:
