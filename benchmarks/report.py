@@ -76,19 +76,10 @@ def _speedup(a, b) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sections
-# op timers, headline first: (extra_info key, what the table's heading says it measured)
-OP_TIMERS = (("graph_ms", "GPU time (calls captured in a CUDA graph, no launch cost)"),
-             ("median_ms", "with launches (`triton.testing.do_bench`; host time where the host is the slower)"))
-
-
-def _bandwidth(row: dict, ms: float, key: str, peak_tbps: float) -> tuple:
-    """(GB/s, % of peak) of ``row`` timed at ``ms``: from its byte count, else (older rows) its stored figures."""
-    if row.get("bytes"):
-        gb_per_s = row["bytes"] / (ms * 1e-3) / 1e9
-        return gb_per_s, 100.0 * gb_per_s / (peak_tbps * 1e3)
-    if key == "median_ms":
-        return row.get("gb_per_s"), row.get("pct_of_peak")
-    return None, None
+# op timers, headline first: (extra_info key, prefix of the row's bandwidth figures for that time, what the
+# table's heading says it measured). The figures are hiera_fast.bench.bandwidth's, stored by test_bench_ops.
+OP_TIMERS = (("graph_ms", "graph_", "GPU time (calls captured in a CUDA graph, no launch cost)"),
+             ("median_ms", "", "with launches (`triton.testing.do_bench`; host time where the host is the slower)"))
 
 
 def op_section(rows: list[dict], plots: list) -> list[str]:
@@ -99,9 +90,9 @@ def op_section(rows: list[dict], plots: list) -> list[str]:
     for r in rows:
         by_key[(r.get("model"), r.get("dtype"), r.get("pass"))].append(r)
     for (model, dtype, pass_), group in sorted(by_key.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        for key, timer in OP_TIMERS:
+        for key, prefix, timer in OP_TIMERS:
             if any(r.get(key) is not None for r in group):
-                out += _op_table(group, model, dtype, pass_, key, timer, plots)
+                out += _op_table(group, model, dtype, pass_, key, prefix, timer, plots)
         errors = sorted({(r["impl"], r.get("geometry") or r.get("case"), r["graph_error"])
                          for r in group if r.get("graph_error")})
         if errors:
@@ -110,7 +101,7 @@ def op_section(rows: list[dict], plots: list) -> list[str]:
     return out
 
 
-def _op_table(group: list[dict], model, dtype, pass_, key: str, timer: str, plots: list) -> list[str]:
+def _op_table(group: list[dict], model, dtype, pass_, key: str, prefix: str, timer: str, plots: list) -> list[str]:
     impls = _ordered({r["impl"] for r in group}, OP_IMPLS)
     cells: dict[tuple, dict] = defaultdict(dict)
     order = []
@@ -144,7 +135,7 @@ def _op_table(group: list[dict], model, dtype, pass_, key: str, timer: str, plot
                 continue
             us = r[key] * 1e3
             per_image[i] += us / batch * calls
-            gb_per_s, pct_of_peak = _bandwidth(r, r[key], key, peak_tbps)
+            gb_per_s, pct_of_peak = r.get(f"{prefix}gb_per_s"), r.get(f"{prefix}pct_of_peak")
             pct[i].append(pct_of_peak)
             line.append(f"{_num(us)} ({_num(gb_per_s)}, {_num(pct_of_peak, 2)}%)" if gb_per_s is not None
                         else _num(us))

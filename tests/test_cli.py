@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hiera_fast import cli, ops
+from hiera_fast import bench, cli, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -167,14 +167,18 @@ def test_report_markdown(tmp_path):
 
 
 def test_report_op_tables_per_timer(tmp_path):
-    """Op rows with ``graph_ms`` get a GPU-time table first (bandwidth from the byte count and that time), then the
-    do_bench table; a call that could not be captured is listed with its reason."""
+    """Op rows with ``graph_ms`` get a GPU-time table first (with the row's bandwidth figures for that time), then
+    the do_bench table; a call that could not be captured is listed with its reason."""
     geo = dict(model="hiera_base_224", dtype="bf16", batch=256, calls=2, geometry="stage1.0 3136 mask-unit",
-               where="stage1.0", floor_ms=0.206, case="hiera_base_224 stage1.0", peak_tbps=3.0, bytes=600e6,
+               where="stage1.0", floor_ms=0.206, case="hiera_base_224 stage1.0", bytes=600e6,
                **{"pass": "fwd+bwd"})
-    rows = [_row("op", "fused", 0.9, graph_ms=0.3, **geo),  # 600 MB in 0.3 ms = 2,000 GB/s, 67 % of 3 TB/s
-            _row("op", "eager", 3.0, graph_ms=1.2, **geo),
-            _row("op", "official-5d", 9.0, graph_error="RuntimeError: capture failed", **geo)]
+
+    def bandwidth(ms, prefix=""):  # as test_bench_ops stores them (hiera_fast.bench.bandwidth, 600 MB at 3 TB/s)
+        return {f"{prefix}{k}": v for k, v in bench.bandwidth(600e6, ms, 3.0e12).items()}
+
+    rows = [_row("op", "fused", 0.9, graph_ms=0.3, **bandwidth(0.9), **bandwidth(0.3, "graph_"), **geo),
+            _row("op", "eager", 3.0, graph_ms=1.2, **bandwidth(3.0), **bandwidth(1.2, "graph_"), **geo),
+            _row("op", "official-5d", 9.0, graph_error="RuntimeError: capture failed", **bandwidth(9.0), **geo)]
     path = tmp_path / "ops.json"
     path.write_text(json.dumps({"benchmarks": rows, "machine_info": {}, "commit_info": {}, "datetime": "x"}))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.report", str(path), "--out", str(tmp_path), "--no-plot"],
