@@ -135,7 +135,7 @@ def _backend_for(device: torch.device) -> tuple[str, str]:
 
 def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -> bool:
     """Whether ``op`` runs the Triton kernels on ``device``; ``unsupported`` is a shape the kernels do not take (see
-    :func:`_kernel_shape_limit`). Warns once per op and reason when it falls back to the eager path."""
+    :func:`_kernel_input_limit`). Warns once per op and reason when it falls back to the eager path."""
     backend, reason = _backend_for(device)  # cached: this runs on every fused call
     if backend != "eager" and unsupported:
         backend, reason = "eager", unsupported
@@ -172,10 +172,13 @@ def _batch_element_extent(t: torch.Tensor) -> int:
     return max(1 + sum((n - 1) * abs(st) for n, st in zip(shape, t.stride()[1:])), element)
 
 
-def _kernel_shape_limit(x: torch.Tensor, head_dim: int | None = None) -> str | None:
+def _kernel_input_limit(x: torch.Tensor, head_dim: int | None = None) -> str | None:
     """Why the kernels cannot take ``x [B, N, C]`` (batch past the grid limit, a batch element past 32-bit offsets,
-    ``head_dim`` past :data:`MAX_FUSED_HEAD_DIM`), or None. Valid for every model-zoo shape; beyond it the fused
-    ops run the eager path rather than fail inside Triton."""
+    ``head_dim`` past :data:`MAX_FUSED_HEAD_DIM`, bfloat16 on the CPU), or None. Valid for every model-zoo shape;
+    beyond it the fused ops run the eager path rather than fail inside Triton or return a wrong answer."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return ("bfloat16 on the CPU: Triton's interpreter computes bfloat16 wrongly (the kernels run bfloat16 on a "
+                "GPU)")
     B, N, C = x.shape
     if head_dim is not None and head_dim > MAX_FUSED_HEAD_DIM:
         return f"head_dim {head_dim} > {MAX_FUSED_HEAD_DIM}, the largest the Triton kernels take"
@@ -197,6 +200,7 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, q_stride: int, window_size: int
         raise ValueError(f"qkv must be [B, N, 3 * dim] (rank 3), got shape {tuple(qkv.shape)}")
     if qkv.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
+    use_mask_unit_attn = _check_flag("use_mask_unit_attn", use_mask_unit_attn)
     for name, value in (("num_heads", num_heads), ("q_stride", q_stride)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -215,6 +219,14 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, q_stride: int, window_size: int
     elif N % q_stride:
         raise ValueError(f"qkv's token count N={N} must be divisible by q_stride={q_stride}")
     return window_count(N, q_stride, window_size, use_mask_unit_attn)
+
+
+def _check_flag(name: str, value) -> bool:
+    """A bool argument: ``True`` / ``False`` (or 0 / 1, or a numpy bool, as configs may hold); anything else, a
+    string like ``"False"`` or None included, is a TypeError rather than read by truthiness."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def window_count(tokens: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
@@ -279,14 +291,14 @@ def _attention_forward_impl(qkv: torch.Tensor, num_heads: int, q_stride: int, nu
                             with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, N // q_stride, C], lse)``.
 
-    With ``with_lse`` (training) ``lse`` is ``[B, heads, N // q_stride]`` float32 for the backward kernel; the eager
-    backend leaves it unfilled (its backward recomputes instead). Without it (inference) ``lse`` is empty. The
-    shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache) stays valid whichever
-    backend runs it."""
-    if _use_triton(qkv.device, "mask_unit_attention", _attention_shape_limit(qkv, num_heads, num_windows)):
+    With ``with_lse`` (training) ``lse`` is ``[B, heads, N // q_stride]`` float32 (float64 for float64 qkv) for the
+    backward kernel; the eager backend leaves it unfilled (its backward recomputes instead). Without it (inference)
+    ``lse`` is empty. The shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache)
+    stays valid whichever backend runs it."""
+    if _use_triton(qkv.device, "mask_unit_attention", _attention_input_limit(qkv, num_heads, num_windows)):
         result = _launch("mask_unit_attention_fwd", "attention_fwd", "mask_unit_attention_forward", qkv.device,
                          _unit_last_stride(qkv), num_heads, q_stride, num_windows, return_lse=with_lse)
-        return result if with_lse else (result, qkv.new_empty(0, dtype=torch.float32))
+        return result if with_lse else (result, _lse_like(qkv, num_heads, q_stride, False))
     with _no_autocast(qkv.device):
         out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     return out, _lse_like(qkv, num_heads, q_stride, with_lse)
@@ -296,17 +308,20 @@ _attention_fwd = torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", 
     _attention_forward_impl)
 
 
-def _attention_shape_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) -> str | None:
+def _attention_input_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) -> str | None:
     """The forward and the backward fall back together (the eager forward leaves no lse for the kernel)."""
     if num_heads * num_windows > _MAX_GRID_AXIS:
         return (f"num_heads * windows = {num_heads} * {num_windows} > {_MAX_GRID_AXIS}, the backward kernels' grid "
                 f"limit")
-    return _kernel_shape_limit(qkv, qkv.shape[-1] // (3 * num_heads))
+    return _kernel_input_limit(qkv, qkv.shape[-1] // (3 * num_heads))
 
 
 def _lse_like(qkv: torch.Tensor, num_heads: int, q_stride: int, with_lse: bool) -> torch.Tensor:
+    """The forward's lse buffer: ``[B, heads, N // q_stride]`` (``[0]`` without ``with_lse``), float64 for float64
+    qkv, else float32 (``hiera_fast.kernels.unrolled_layout.softmax_stats_dtype``, which the kernels allocate)."""
     B, N, _ = qkv.shape
-    return qkv.new_empty((B, num_heads, N // q_stride) if with_lse else (0,), dtype=torch.float32)
+    dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return qkv.new_empty((B, num_heads, N // q_stride) if with_lse else (0,), dtype=dtype)
 
 
 @_attention_fwd.register_fake
@@ -319,7 +334,7 @@ def _attention_backward_impl(grad_out: torch.Tensor, qkv: torch.Tensor, out: tor
                              num_heads: int, q_stride: int, num_windows: int) -> torch.Tensor:
     """``d_qkv [B, N, 3C]`` in qkv's unrolled layout: the Triton backward kernel where available, else the analytic
     eager backward (:func:`hiera_fast.reference.mask_unit_attention_backward_eager`)."""
-    unsupported = _attention_shape_limit(qkv, num_heads, num_windows)  # the forward's choice, so its lse is there
+    unsupported = _attention_input_limit(qkv, num_heads, num_windows)  # the forward's choice, so its lse is there
     if _kernel_module("attention_bwd") is not None and _use_triton(qkv.device, "mask_unit_attention backward",
                                                                   unsupported):
         if _batch_element_extent(grad_out) >= _MAX_ROW_OFFSET:  # a strided view of a huge tensor: 32-bit offsets
@@ -406,7 +421,7 @@ def mask_unit_attention(
     """
     num_windows = check_qkv(qkv, num_heads, q_stride, window_size, use_mask_unit_attn)
     qkv = _autocast_input(qkv)
-    if not fused:
+    if not _check_flag("fused", fused):
         return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     if runs_sdpa(num_windows, qkv.device):
         return global_attention_sdpa(qkv, num_heads, q_stride)
@@ -485,7 +500,7 @@ def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> t
 
 # ---------------------------------------------------------------------------------------------- max-pool op
 def _pool_forward_impl(x: torch.Tensor, stride: int) -> torch.Tensor:
-    if _use_triton(x.device, "unrolled_max_pool", _kernel_shape_limit(x)):
+    if _use_triton(x.device, "unrolled_max_pool", _kernel_input_limit(x)):
         return _launch("unrolled_max_pool_fwd", "max_pool", "unrolled_max_pool_forward", x.device,
                        _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_eager(x, stride)
@@ -501,7 +516,7 @@ def _(x, stride):
 
 def _pool_backward_impl(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
     """Gradient routed to the winning candidate (lowest index among ties)."""
-    if _use_triton(x.device, "unrolled_max_pool backward", _kernel_shape_limit(x)):
+    if _use_triton(x.device, "unrolled_max_pool backward", _kernel_input_limit(x)):
         return _launch("unrolled_max_pool_bwd", "max_pool", "unrolled_max_pool_backward", x.device,
                        grad_out, _unit_last_stride(x), stride)
     return reference.unrolled_max_pool_backward_eager(grad_out, x, stride)
@@ -551,6 +566,7 @@ def unrolled_max_pool(x: torch.Tensor, stride: int, fused: bool = False) -> torc
     Equal to ``x.view(B, stride, N // stride, C).max(1).values``; the gradient goes to the winning element.
     """
     _check_pool(x, stride)
+    fused = _check_flag("fused", fused)
     if stride == 1:
         return x
     if not fused:

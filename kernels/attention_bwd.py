@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import (cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row,
+                              softmax_stats_dtype, token_row)
 
 __all__ = ["mask_unit_attention_backward", "attention_backward_config", "attention_backward_plan", "KERNELS"]
 
@@ -99,7 +100,7 @@ def _mask_unit_attn_bwd_window_kernel(
     stride_o_b, stride_o_n, stride_o_c,
     stride_lse_b, stride_lse_h, stride_lse_n,
     stride_dqkv_b, stride_dqkv_n,
-    num_windows, tokens_per_window, tokens_out, q_stride, windows_per_program, channels, sm_scale,
+    num_windows, tokens_per_window, tokens_out, q_stride, windows_per_program, channels,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -113,6 +114,7 @@ def _mask_unit_attn_bwd_window_kernel(
     h = tl.program_id(0)
     w0 = tl.program_id(1) * windows_per_program
     b = tl.program_id(2).to(tl.int64)
+    sm_scale = tl.full([], 1.0 / HEAD_DIM**0.5, ACC)  # compile-time constant, exact in fp64
     qkv = QKV + b * stride_qkv_b + h * HEAD_DIM
     dqkv = DQKV + b * stride_dqkv_b + h * HEAD_DIM
     offs_m = tl.arange(0, BLOCK_M)
@@ -160,7 +162,7 @@ def _mask_unit_attn_bwd_dq_kernel(
     stride_o_b, stride_o_n, stride_o_c,
     stride_lse_b, stride_lse_h, stride_lse_n,
     stride_dqkv_b, stride_dqkv_n,
-    num_heads, num_windows, tokens_per_window, tokens_out, q_stride, channels, sm_scale,
+    num_heads, num_windows, tokens_per_window, tokens_out, q_stride, channels,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -172,6 +174,7 @@ def _mask_unit_attn_bwd_dq_kernel(
     h = tl.program_id(1) % num_heads
     w = tl.program_id(1) // num_heads
     b = tl.program_id(2).to(tl.int64)
+    sm_scale = tl.full([], 1.0 / HEAD_DIM**0.5, ACC)  # compile-time constant, exact in fp64
     qkv = QKV + b * stride_qkv_b + h * HEAD_DIM
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_m = r < tokens_out
@@ -211,7 +214,7 @@ def _mask_unit_attn_bwd_dkdv_kernel(
     stride_qkv_b, stride_qkv_n,
     stride_lse_b, stride_lse_h, stride_lse_n,
     stride_dqkv_b, stride_dqkv_n,
-    num_heads, num_windows, tokens_per_window, tokens_out, q_stride, channels, sm_scale,
+    num_heads, num_windows, tokens_per_window, tokens_out, q_stride, channels,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -224,6 +227,7 @@ def _mask_unit_attn_bwd_dkdv_kernel(
     h = tl.program_id(1) % num_heads
     w = tl.program_id(1) // num_heads
     b = tl.program_id(2).to(tl.int64)
+    sm_scale = tl.full([], 1.0 / HEAD_DIM**0.5, ACC)  # compile-time constant, exact in fp64
     qkv = QKV + b * stride_qkv_b + h * HEAD_DIM
     t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_n = t < tokens_per_window
@@ -315,18 +319,16 @@ def attention_backward_plan(grad_out, qkv, out, lse, d_qkv, num_heads: int, q_st
     head_dim, T_out = C // num_heads, T // q_stride
     cfg = cached_config(attention_backward_config, head_dim, T, q_stride, num_windows, qkv.dtype)  # read-only
     strides = (*grad_out.stride(), *qkv.stride()[:2])
-    o_lse, dq_strides, scale = (*out.stride(), *lse.stride()), d_qkv.stride()[:2], head_dim**-0.5
+    o_lse, dq_strides = (*out.stride(), *lse.stride()), d_qkv.stride()[:2]
     geometry = (num_windows, T, T_out, q_stride)
     launch = cfg["launches"]
     if cfg["variant"] == "window":
         pack = cfg["windows_per_program"]
-        args = (grad_out, qkv, out, lse, d_qkv, *strides, *o_lse, *dq_strides, *geometry, pack, C, scale)
+        args = (grad_out, qkv, out, lse, d_qkv, *strides, *o_lse, *dq_strides, *geometry, pack, C)
         return [("window", (num_heads, cdiv(num_windows, pack), B), args, launch["window"])]
-    delta = torch.empty(lse.shape, dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32,
-                        device=qkv.device)
-    dq_args = (grad_out, qkv, out, lse, delta, d_qkv, *strides, *o_lse, *dq_strides, num_heads, *geometry, C, scale)
-    dkdv_args = (grad_out, qkv, lse, delta, d_qkv, *strides, *lse.stride(), *dq_strides, num_heads, *geometry, C,
-                 scale)
+    delta = torch.empty(lse.shape, dtype=softmax_stats_dtype(qkv.dtype), device=qkv.device)
+    dq_args = (grad_out, qkv, out, lse, delta, d_qkv, *strides, *o_lse, *dq_strides, num_heads, *geometry, C)
+    dkdv_args = (grad_out, qkv, lse, delta, d_qkv, *strides, *lse.stride(), *dq_strides, num_heads, *geometry, C)
     return [("dq", (cdiv(T_out, launch["dq"]["BLOCK_M"]), num_heads * num_windows, B), dq_args, launch["dq"]),
             ("dkdv", (cdiv(T, launch["dkdv"]["BLOCK_N"]), num_heads * num_windows, B), dkdv_args,
              launch["dkdv"])]
@@ -338,9 +340,10 @@ def mask_unit_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out:
     """``d_qkv [B, N, 3C]`` (contiguous, qkv's dtype, unrolled layout) of fused mask-unit attention.
 
     ``grad_out``/``out [B, N // s, C]``: any strides (a stride-0 expand included). ``qkv [B, N, 3C]``: unit channel
-    stride, other strides arbitrary; fp16, bf16, fp32 or fp64. ``lse [B, heads, N // s]`` fp32, natural log, of the
-    scaled pooled-query scores. ``d_qkv``: optional output (contiguous, qkv's shape and dtype); every element is
-    written. Max-pool ties: the lowest candidate ``j`` gets the gradient. Deterministic (no atomics)."""
+    stride, other strides arbitrary; fp16, bf16, fp32 or fp64. ``lse [B, heads, N // s]``: natural log, of the
+    scaled pooled-query scores, fp32 (fp64 for fp64 qkv). ``d_qkv``: optional output (contiguous, qkv's shape and
+    dtype); every element is written. Max-pool ties: the lowest candidate ``j`` gets the gradient. Deterministic
+    (no atomics)."""
     B, N, three_c = qkv.shape
     T, H = N // num_windows, num_heads
     assert qkv.stride(-1) == 1 and T * num_windows == N and T % q_stride == 0 and three_c % (3 * H) == 0

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .unrolled_layout import cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row, token_row
+from .unrolled_layout import (cached_config, cdiv, next_power_of_2, packed_window_token, pooled_query_row,
+                              softmax_stats_dtype, token_row)
 
 
 @triton.jit
@@ -71,8 +72,11 @@ def _online_softmax_step(q, k_t, v, q_win, k_win, col_ok, m_i, l_i, acc, qk_scal
         ok = ok & (q_win[:, None] == k_win[None, :])  # block-diagonal: a query sees its own window only
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    # a row that has seen no key yet (all -inf: a packed row's block of other windows) subtracts 0: p = alpha = 0,
+    # not NaN; any finite score, however negative, is its own reference, so no score range is lost
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     # out_dtype = the accumulator's (fp64 for fp64): triton 3.6 requires it to match acc's dtype
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -93,7 +97,8 @@ def _mask_unit_attn_fwd_kernel(
 
     Reads ``QKV[b, n, c]`` at ``b * stride_qkv_b + n * stride_qkv_n + c`` (channel stride 1), each element of the
     program's windows once. Writes ``Out [B, N_out, C]`` contiguous and, with ``STORE_LSE``, ``Lse [B, H, N_out]``
-    (fp32, natural log). Scores are scaled by ``HEAD_DIM**-0.5 * log2(e)``, a compile-time constant (exact in fp64).
+    (natural log; fp32, fp64 for fp64 inputs). Scores are scaled by ``HEAD_DIM**-0.5 * log2(e)``, a compile-time
+    constant (exact in fp64).
     Accumulates in ``ACC_DTYPE`` (fp32; fp64 for fp64 inputs); P is cast to the input dtype for the PV dot.
     ``ONE_KV_BLOCK``: every key of the tile's windows fits one ``BLOCK_N`` block (windowed attention): K/V and all
     query candidates are loaded up front, no loop.
@@ -136,7 +141,7 @@ def _mask_unit_attn_fwd_kernel(
     q_mask = row_ok[None, :, None] & (d3 < HEAD_DIM)  # broadcast over the candidates
     q = tl.reduce(tl.load(qkv_bh + q_rows[:, :, None] * stride_qkv_n + d3, mask=q_mask, other=0.0), 0, _max_nan)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, ACC_DTYPE)  # finite: a packed row's fully masked blocks give p = 0, not NaN
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     if ONE_KV_BLOCK:
@@ -158,7 +163,7 @@ def _mask_unit_attn_fwd_kernel(
     tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
     if STORE_LSE:
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
-        tl.store(Lse + (b * num_heads + h) * n_out + out_rows, lse.to(tl.float32), mask=row_ok)
+        tl.store(Lse + (b * num_heads + h) * n_out + out_rows, lse.to(Lse.dtype.element_ty), mask=row_ok)
 
 
 def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: int, num_windows: int,
@@ -218,7 +223,8 @@ def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int
     """qkv ``[B, N, 3 * C]`` (channels ``(3, heads, head_dim)``, rows ``t * nw + w``, last stride 1, other strides
     arbitrary) → out ``[B, N // q_stride, C]`` contiguous in qkv's dtype, row ``r * nw + w``, channel
     ``h * head_dim + d``; ``num_windows == 1`` is global attention. With ``return_lse`` also returns
-    ``lse [B, heads, N // q_stride]`` fp32, the natural-log log-sum-exp of ``(q_pooled . k) * head_dim**-0.5``.
+    ``lse [B, heads, N // q_stride]`` fp32 (fp64 for fp64 qkv), the natural-log log-sum-exp of
+    ``(q_pooled . k) * head_dim**-0.5``.
 
     Shapes are assumed validated by the ops layer. Dtypes fp16 / bf16 / fp32, and fp64 with fp64 math throughout
     (tested in the interpreter; compiles spill-free for sm_80/90, where ``tl.dot`` emits fp64 ``mma.sync``).
@@ -233,7 +239,7 @@ def mask_unit_attention_forward(qkv: torch.Tensor, num_heads: int, q_stride: int
     cfg, wp, num_warps, num_stages = cached_config(_launch_config, head_dim, T, q_stride, num_windows, qkv.dtype)
     out = torch.empty(B, n_out, C, device=qkv.device, dtype=qkv.dtype) if out is None else out
     shape = (B, num_heads, n_out) if return_lse else (1,)
-    lse = torch.empty(shape, device=qkv.device, dtype=torch.float32) if lse_out is None else lse_out
+    lse = torch.empty(shape, device=qkv.device, dtype=softmax_stats_dtype(qkv.dtype)) if lse_out is None else lse_out
     if out.numel() == 0:  # an empty batch: nothing to launch (CUDA rejects a grid axis of 0)
         return (out, lse) if return_lse else out
     num_q_blocks = cdiv(wp * (T // q_stride), cfg["BLOCK_M"])

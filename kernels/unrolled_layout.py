@@ -13,6 +13,7 @@ The same holds for the pooled residual ``x.view(B, s, N // s, C).max(1)``: candi
 
 import functools
 
+import torch
 import triton
 import triton.language as tl  # noqa: F401  (used inside the jitted helpers)
 
@@ -48,6 +49,13 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def softmax_stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-row softmax statistics the attention kernels keep between passes (the forward's log-sum-exp,
+    the backward's ``D = rowsum(dO * O)``): float64 for float64 inputs (fp64 gradients to fp64 accuracy), else
+    float32. ``hiera_fast.ops`` allocates the same for its fake tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @functools.lru_cache(maxsize=None)
 def cached_config(config_fn, *args):
     """``config_fn(*args)``, computed once per function and arguments (configs are pure functions of shape classes;
@@ -56,4 +64,5 @@ def cached_config(config_fn, *args):
     return config_fn(*args)
 
 
-__all__ = ["token_row", "pooled_query_row", "packed_window_token", "cdiv", "next_power_of_2", "cached_config"]
+__all__ = ["token_row", "pooled_query_row", "packed_window_token", "cdiv", "next_power_of_2", "softmax_stats_dtype",
+           "cached_config"]

@@ -39,7 +39,8 @@ def _bwd():
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _forward_with_lse(qkv: torch.Tensor, num_heads: int, q_stride: int, num_windows: int):
-    """``(out, lse)`` in qkv's dtype / fp32 from a float64 torch forward: ``lse [B, H, N // s]`` at rows ``r*nw+w``."""
+    """``(out, lse)`` in qkv's dtype / fp32 (fp64 for fp64 qkv) from a float64 torch forward: ``lse [B, H, N // s]``
+    at rows ``r*nw+w``."""
     x = qkv.detach().double()
     B, N, three_c = x.shape
     hd, T = three_c // 3 // num_heads, N // num_windows
@@ -49,7 +50,8 @@ def _forward_with_lse(qkv: torch.Tensor, num_heads: int, q_stride: int, num_wind
         q = q.reshape(B, num_heads, num_windows, q_stride, -1, hd).max(dim=3).values  # [B, H, nw, T_out, hd]
     lse = ((q * hd**-0.5) @ k.transpose(-1, -2)).logsumexp(-1)  # [B, H, nw, T_out]
     out = mask_unit_attention_official(x, num_heads, q_stride, num_windows)
-    return out.to(qkv.dtype), lse.transpose(2, 3).reshape(B, num_heads, -1).float()
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return out.to(qkv.dtype), lse.transpose(2, 3).reshape(B, num_heads, -1).to(lse_dtype)
 
 
 def _reference_grad(qkv: torch.Tensor, g: torch.Tensor, num_heads: int, q_stride: int, num_windows: int, fn=None):
@@ -224,6 +226,22 @@ def test_gradcheck_float64(H, s, nw, T, hd, fast):
     assert torch.autograd.gradcheck(Attention.apply, (qkv,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
 
 
+@needs_triton
+@pytest.mark.parametrize("geom", [GEOMETRIES[3], GEOMETRIES[6], GEOMETRIES[13]], ids=[_ids[3], _ids[6], _ids[13]])
+def test_float64_kernels_give_float64_accurate_gradients(geom):
+    """fp64 qkv through both kernels (the forward's lse feeds the backward): d_qkv to fp64 accuracy, not fp32's
+    (an fp32 lse and an fp32 softmax scale held it near 1e-7). Window and split variants, q_stride 3."""
+    from hiera_fast.kernels.attention_fwd import mask_unit_attention_forward
+
+    B, H, hd, nw, T, s = geom
+    qkv = _randn(B, nw * T, 3 * H * hd, dtype=torch.float64)
+    out, lse = mask_unit_attention_forward(qkv, H, s, nw, return_lse=True)
+    assert lse.dtype == torch.float64
+    g = _randn(*out.shape, dtype=torch.float64)
+    got = _bwd().mask_unit_attention_backward(g, qkv, out, lse, H, s, nw)
+    assert _rel_err(got, _truth(qkv, g, H, s, nw)) <= 1e-12
+
+
 # ---------------------------------------------------------------------------------------------- compile lane
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # (tokens per window, q_stride, windows): every row of DESIGN.md's 224² table, video, MAE-like and odd windows.
@@ -276,7 +294,8 @@ def _compile_variants() -> list[tuple]:
         B, H = 2, 2
         qkv = torch.empty(B, nw * T, 3 * H * hd, dtype=dtype, device="meta")
         o = torch.empty(B, nw * T // s, H * hd, dtype=dtype, device="meta")
-        lse = torch.empty(B, H, nw * T // s, dtype=torch.float32, device="meta")
+        lse = torch.empty(B, H, nw * T // s, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          device="meta")
         for name, _, args, launch in ab.attention_backward_plan(o, qkv, o, lse, torch.empty_like(qkv), H, s, nw):
             sig, consts, attrs = _signature(ab.KERNELS[name], args, launch)
             # One compile per variant class: the launch config, a padded or exact head dim, q_stride 1 or not.

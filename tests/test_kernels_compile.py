@@ -100,7 +100,7 @@ def _worker() -> list[dict]:
     for v in _attention_variants():
         ty = _TRITON_TYPE[v["dtype"]]
         sig = {n: "i32" for n in fn.arg_names}
-        sig.update(QKV=f"*{ty}", Out=f"*{ty}", Lse="*fp32")
+        sig.update(QKV=f"*{ty}", Out=f"*{ty}", Lse="*fp64" if ty == "fp64" else "*fp32")
         cst = {k: v[k] for k in ("HEAD_DIM", "Q_STRIDE", "Q_CANDIDATES", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PACKED",
                                  "ONE_KV_BLOCK", "ACC_DTYPE", "DOT_PRECISION")}
         cst["ACC_DTYPE"] = getattr(tl, str(cst["ACC_DTYPE"]).replace("fp", "float"))

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from hiera_fast.kernels.attention_fwd import attention_forward_config, mask_unit_attention_forward  # noqa: E402
 from hiera_fast.kernels.max_pool import unrolled_max_pool_backward, unrolled_max_pool_forward  # noqa: E402
+from hiera_fast.kernels.unrolled_layout import softmax_stats_dtype  # noqa: E402
 from hiera_fast.reference import (  # noqa: E402
     mask_unit_attention_eager,
     mask_unit_attention_official,
@@ -49,7 +50,7 @@ def _run(case: AttnCase, qkv: torch.Tensor):
     """Launch into poisoned out / lse buffers; return both."""
     n_out = case.num_tokens // case.q_stride
     out = poisoned_like((case.batch, n_out, case.channels), qkv.dtype, DEVICE)
-    lse = poisoned_like((case.batch, case.num_heads, n_out), torch.float32, DEVICE)
+    lse = poisoned_like((case.batch, case.num_heads, n_out), softmax_stats_dtype(qkv.dtype), DEVICE)
     res = mask_unit_attention_forward(qkv, case.num_heads, case.q_stride, case.num_windows, return_lse=True,
                                       out=out, lse_out=lse)
     assert res[0] is out and res[1] is lse
@@ -70,7 +71,8 @@ def _check(case: AttnCase, qkv: torch.Tensor):
         err, bound = max_abs(out.double() - ref), low_precision_bound(eager, ref)
         assert err <= bound, f"error {err:.2e} > bound {bound:.2e} (2x eager {qkv.dtype} + 1e-3)"
     lse_ref = reference_lse(qkv.double(), *args)
-    assert max_abs(lse.double() - lse_ref) <= 1e-5 * max(1.0, max_abs(lse_ref))
+    lse_tol = 1e-12 if qkv.dtype == torch.float64 else 1e-5  # fp64 qkv: an fp64 lse, for fp64-accurate gradients
+    assert max_abs(lse.double() - lse_ref) <= lse_tol * max(1.0, max_abs(lse_ref))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -96,6 +98,24 @@ def test_attention_forward_reads_strided_qkv(case: AttnCase, layout: str):
 @pytest.mark.parametrize("case", [ATTENTION_CASES[3], ATTENTION_CASES[6]], ids=lambda c: c.id)
 def test_attention_forward_float64(case: AttnCase):
     _check(case, make_qkv(case, torch.float64, seed=11, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [ATTENTION_CASES[11], ATTENTION_CASES[17]], ids=lambda c: c.id)
+def test_attention_forward_scores_far_below_zero(case: AttnCase, dtype: torch.dtype):
+    """Window 0's queries and keys point apart with magnitudes ~1e15, so every score of its rows is below -1e30
+    (fp32 and fp64 hold that): the softmax is still defined, and the online softmax's running max must start at
+    -inf, not at a finite sentinel (a -1e30 start gave an all-zero output). odd-12tok packs two windows per program
+    over two 16-key blocks in fp32, so a row also meets a block holding none of its keys; global-qstride9 is one
+    window, all extreme."""
+    qkv = make_qkv(case, dtype, seed=5, device=DEVICE)
+    C = case.channels
+    rows = qkv.view(case.batch, -1, case.num_windows, 3 * C)[:, :, 0]  # window 0's tokens (row t * nw + 0)
+    rows[..., :C] = 1e15 * (1 + rows[..., :C].abs())
+    rows[..., C : 2 * C] = -1e15 * (1 + rows[..., C : 2 * C].abs())
+    lse_window0 = reference_lse(qkv.double(), case.num_heads, case.q_stride, case.num_windows)[:, :, ::case.num_windows]
+    assert (lse_window0 < -1e30).all()  # log-sum-exp >= every score of the row
+    _check(case, qkv)
 
 
 def test_attention_forward_without_lse_allocates_output():

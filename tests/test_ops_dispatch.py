@@ -77,23 +77,56 @@ def test_batch_past_grid_limit_runs_eager_with_warning(device, fresh_warnings):
     assert torch.equal(pooled, reference.unrolled_max_pool_eager(qkv, 2))
 
 
+@pytest.mark.parametrize("how", ["bf16-tensor", "autocast"])
+def test_bfloat16_on_cpu_runs_eager_with_warning(how, fresh_warnings):
+    """Triton's interpreter computes bfloat16 wrongly (garbage of ~1e8): on the CPU, bf16 inputs (or bf16 autocast)
+    take the eager path, forward and backward, with a warning per op naming the reason, and get eager's results."""
+    if ops.fused_backend("cpu")[0] != "triton-interpreter":
+        pytest.skip("the CPU runs the eager path anyway (no interpreter)")
+    qkv = torch.randn(2, 32, 3 * 2 * 8)
+    if how == "bf16-tensor":
+        qkv, cast = qkv.bfloat16(), contextlib.nullcontext
+    else:
+        cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    before = ops.kernel_launches.copy()
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fused in (True, False):
+            x = qkv.clone().requires_grad_(True)
+            with cast():
+                out = ops.mask_unit_attention(x, 2, 2, 4, True, fused=fused)
+                pooled = ops.unrolled_max_pool(x, 2, fused=fused)
+            (d_x,) = torch.autograd.grad((out.float().square().sum() + pooled.float().sum()), x)
+            results[fused] = out, pooled, d_x
+    launched = ops.kernel_launches - before
+    reasons = [str(w.message) for w in caught if "bfloat16 on the CPU" in str(w.message)]
+    if how == "bf16-tensor":  # attention and max-pool, forward and backward: a warning each, no launch
+        assert sum(launched.values()) == 0 and len(reasons) == 4, (launched, reasons)
+    else:  # autocast casts the attention's input only: the max-pool keeps fp32 and runs its kernels
+        assert launched == {"unrolled_max_pool_fwd": 1, "unrolled_max_pool_bwd": 1} and len(reasons) == 2, reasons
+    (out, pooled, d_x), (ref, ref_pooled, ref_d_x) = results[True], results[False]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref) and torch.equal(pooled, ref_pooled)
+    assert (d_x.float() - ref_d_x.float()).abs().max() <= 2e-2 * ref_d_x.float().abs().max()  # analytic vs autograd
+
+
 def test_shape_limits_accept_every_zoo_shape():
     # Hiera-H-16x224, batch 256: the largest attention input of the zoo (stage 1, 25088 tokens x 3 * 256 channels)
-    assert ops._kernel_shape_limit(torch.empty(256, 25088, 768, device="meta"), 64) is None
-    assert ops._attention_shape_limit(torch.empty(256, 25088, 768, device="meta"), 1, 392) is None
-    assert "2**31" in ops._kernel_shape_limit(torch.empty(1, 2**21, 1024, device="meta"))
+    assert ops._kernel_input_limit(torch.empty(256, 25088, 768, device="meta"), 64) is None
+    assert ops._attention_input_limit(torch.empty(256, 25088, 768, device="meta"), 1, 392) is None
+    assert "2**31" in ops._kernel_input_limit(torch.empty(1, 2**21, 1024, device="meta"))
 
 
 def test_shape_limits_see_strides_and_the_backward_grid():
     """A small tensor whose rows are far apart (a column slice of a very wide one) needs offsets past 32 bits; the
     backward kernels put heads * windows on a grid axis (at most 65535)."""
     wide_rows = torch.empty_strided((2, 2, 48), (2**32, 2**31, 1), device="meta")
-    assert "2**31" in ops._kernel_shape_limit(wide_rows)
-    assert "2**31" in ops._attention_shape_limit(wide_rows, 1, 1)
+    assert "2**31" in ops._kernel_input_limit(wide_rows)
+    assert "2**31" in ops._attention_input_limit(wide_rows, 1, 1)
     expanded = torch.empty(2, 1, 48, device="meta").expand(2, 2**26, 48)  # stride 0, but d_x is written whole
-    assert "2**31" in ops._kernel_shape_limit(expanded)
-    assert ops._kernel_shape_limit(torch.empty(2, 1, 48, device="meta").expand(2, 2**20, 48)) is None
-    assert "65535" in ops._attention_shape_limit(torch.empty(1, 4 * 65536, 48, device="meta"), 4, 65536)
+    assert "2**31" in ops._kernel_input_limit(expanded)
+    assert ops._kernel_input_limit(torch.empty(2, 1, 48, device="meta").expand(2, 2**20, 48)) is None
+    assert "65535" in ops._attention_input_limit(torch.empty(1, 4 * 65536, 48, device="meta"), 4, 65536)
 
 
 @needs_triton
@@ -101,7 +134,7 @@ def test_backward_copies_a_grad_out_with_huge_row_stride(device, monkeypatch):
     """grad_out is read with 32-bit offsets inside a batch element: one that spans more (a strided view) is copied
     first. Shrinking the limit shows it on a small tensor."""
     monkeypatch.setattr(ops, "_MAX_ROW_OFFSET", 1000)  # qkv [1, 32, 48] spans 1536 >= 1000: raise its limit instead
-    monkeypatch.setattr(ops, "_kernel_shape_limit", lambda x, head_dim=None: None)
+    monkeypatch.setattr(ops, "_kernel_input_limit", lambda x, head_dim=None: None)
     bwd = ops._kernel_module("attention_bwd")
     launched_with = []
 
@@ -285,6 +318,21 @@ def test_empty_batch_gives_empty_results(fused):
 def test_degenerate_attention_inputs_raise(fused, args, match):
     with pytest.raises(ValueError, match=match):
         ops.mask_unit_attention(*args, fused=fused)
+
+
+@pytest.mark.parametrize("name, value", [("use_mask_unit_attn", "False"), ("use_mask_unit_attn", None),
+                                         ("use_mask_unit_attn", 2), ("fused", "False"), ("fused", None)])
+def test_flags_must_be_bools(name, value):
+    """The string "False" is truthy: read by truthiness it would run windowed attention, or the kernels. Flags take
+    bools (0 / 1 too, as configs may hold), anything else is a TypeError naming the argument."""
+    args = {"use_mask_unit_attn": True, "fused": False, name: value}
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        ops.mask_unit_attention(torch.randn(1, 16, 48), 2, 2, 4, args["use_mask_unit_attn"], fused=args["fused"])
+    if name == "fused":
+        with pytest.raises(TypeError, match="fused must be a bool"):
+            ops.unrolled_max_pool(torch.randn(1, 16, 8), 2, fused=value)
+    x = torch.randn(1, 16, 48)
+    assert torch.equal(ops.mask_unit_attention(x, 2, 2, 4, 1), ops.mask_unit_attention(x, 2, 2, 4, True))
 
 
 # ---------------------------------------------------------------------------------------------- global attention
