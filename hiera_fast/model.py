@@ -333,13 +333,27 @@ def _check_masking(config: HieraConfig, who: str) -> None:
                          "(see HieraConfig.supports_masking)")
 
 
-def _check_mask(bool_masked_pos, batch: int, num_windows: int) -> torch.Tensor:
+def _check_mask(bool_masked_pos, batch: int, num_windows: int, device: torch.device) -> torch.Tensor:
     if not isinstance(bool_masked_pos, torch.Tensor):
         raise TypeError(f"bool_masked_pos must be a torch.Tensor, got {type(bool_masked_pos).__name__}")
     if bool_masked_pos.shape != (batch, num_windows):
         raise ValueError(f"bool_masked_pos must be [B, #mask units] = {(batch, num_windows)}, "
                          f"got {tuple(bool_masked_pos.shape)}")
+    if bool_masked_pos.device != device:
+        raise ValueError(f"bool_masked_pos must be on pixel_values' device ({device}), got {bool_masked_pos.device}")
     return bool_masked_pos.bool()
+
+
+def _check_keep_ids(keep_ids, batch: int, num_windows: int, device: torch.device) -> None:
+    if not isinstance(keep_ids, torch.Tensor):
+        raise TypeError(f"keep_ids must be a torch.Tensor, got {type(keep_ids).__name__}")
+    if keep_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"keep_ids must be an integer tensor (window ids), got {keep_ids.dtype}")
+    if keep_ids.dim() != 2 or keep_ids.shape[0] != batch or not 1 <= keep_ids.shape[1] <= num_windows:
+        raise ValueError(f"keep_ids must be [B, K] with B = {batch} and 1 <= K <= {num_windows} (the mask units), "
+                         f"got {tuple(keep_ids.shape)}")
+    if keep_ids.device != device:
+        raise ValueError(f"keep_ids must be on pixel_values' device ({device}), got {keep_ids.device}")
 
 
 def _num_keep(config: HieraConfig, num_windows: int) -> int:
@@ -360,8 +374,12 @@ def _random_masking(config: HieraConfig, batch: int, num_windows: int, noise: to
         noise = torch.rand(batch, num_windows, device=device)
     elif not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    elif not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
     elif noise.shape != (batch, num_windows):
         raise ValueError(f"noise must be [batch, num_mask_units] = {(batch, num_windows)}, got {tuple(noise.shape)}")
+    elif noise.device != torch.device(device):
+        raise ValueError(f"noise must be on pixel_values' device ({device}), got {noise.device}")
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     keep = torch.zeros(batch, num_windows, device=device)
@@ -380,11 +398,13 @@ def _keep_ids_from_mask(mask: torch.Tensor, num_keep: int | None = None) -> torc
     """
     compiling = torch.compiler.is_compiling()
     if num_keep is None:
-        if compiling:
-            raise ValueError("the number of visible mask units of bool_masked_pos is data: under torch.compile pass "
-                             "keep_ids= too")
+        if compiling or mask.device.type == "meta" or mask.shape[0] == 0:
+            why = ("under torch.compile" if compiling else "on the meta device (no values)" if mask.device.type ==
+                   "meta" else "for an empty batch")
+            raise ValueError(f"the number of visible mask units of bool_masked_pos is read from its values: {why} "
+                             "pass keep_ids= too")
         num_keep = int(mask[0].sum())
-    if not compiling:
+    if not compiling and mask.device.type != "meta":
         counts = mask.sum(1)
         if num_keep == 0 or not bool((counts == num_keep).all()):
             raise ValueError(f"bool_masked_pos must keep the same, non-zero number of mask units in every sample "
@@ -452,12 +472,15 @@ class HieraModel(HieraPreTrainedModel):
             raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         if bool_masked_pos is not None:
             _check_masking(config, "bool_masked_pos")
-            bool_masked_pos = _check_mask(bool_masked_pos, B, num_windows)
+            bool_masked_pos = _check_mask(bool_masked_pos, B, num_windows, pixel_values.device)
             if keep_ids is None:
                 keep_ids = _keep_ids_from_mask(bool_masked_pos)
-            elif check_keep_ids and not torch.compiler.is_compiling() and not torch.equal(
-                    keep_ids, _keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1])):
-                raise ValueError("keep_ids must be the ascending visible-unit ids of bool_masked_pos")
+            else:
+                _check_keep_ids(keep_ids, B, num_windows, pixel_values.device)
+                keep_ids = keep_ids.long()
+                if (check_keep_ids and not torch.compiler.is_compiling() and pixel_values.device.type != "meta"
+                        and not torch.equal(keep_ids, _keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1]))):
+                    raise ValueError("keep_ids must be the ascending visible-unit ids of bool_masked_pos")
         elif self.is_mae:
             bool_masked_pos, ids_restore, keep_ids = self.random_masking(B, num_windows, noise, pixel_values.device)
 
@@ -642,7 +665,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
         elif noise is not None:
             raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         else:
-            bool_masked_pos = _check_mask(bool_masked_pos, pixel_values.shape[0], num_windows)
+            bool_masked_pos = _check_mask(bool_masked_pos, pixel_values.shape[0], num_windows, pixel_values.device)
             keep_ids = _keep_ids_from_mask(bool_masked_pos, _num_keep(config, num_windows))  # checks the user's mask
         # keep_ids were made from bool_masked_pos just above: no need to check them again (a host sync per step)
         out = self.hiera(pixel_values, bool_masked_pos=bool_masked_pos, keep_ids=keep_ids, output_hidden_states=True,

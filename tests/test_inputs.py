@@ -76,6 +76,33 @@ def test_bad_masks_and_noise():
         H.HieraForPreTraining(tiny_mae_config())(x, noise=torch.rand(2, 3))
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(keep_ids=[[0, 2], [1, 2]]), TypeError, "keep_ids must be a torch.Tensor"),
+    (dict(keep_ids=torch.tensor([[0.0, 2.0], [1.0, 2.0]])), TypeError, "keep_ids must be an integer tensor"),
+    (dict(keep_ids=torch.tensor([0, 2])), ValueError, "keep_ids must be \\[B, K\\]"),
+    (dict(keep_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "1 <= K <= 4"),
+    (dict(keep_ids=torch.tensor([[0, 2], [1, 2]], device="meta")), ValueError, "keep_ids must be on"),
+    (dict(bool_masked_pos=torch.ones(2, 4, dtype=torch.bool, device="meta")), ValueError, "bool_masked_pos must be on"),
+])
+def test_bad_keep_ids_and_mask_devices(kwargs, error, match):
+    """keep_ids are checked as a tensor of window ids before use (a float one passed torch.equal, then failed in a
+    gather); a mask or ids on another device than the pixels is a ValueError."""
+    kwargs.setdefault("bool_masked_pos", torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool))
+    with pytest.raises(error, match=match):
+        H.HieraModel(tiny_image_config())(torch.randn(2, 3, 64, 64), **kwargs)
+
+
+def test_empty_batch_mask_needs_keep_ids():
+    """An empty batch's mask says nothing about how many units stay visible: a clear error, and with keep_ids it
+    runs (an IndexError before)."""
+    model = H.HieraModel(tiny_image_config())
+    x, mask = torch.randn(0, 3, 64, 64), torch.zeros(0, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="for an empty batch pass keep_ids"):
+        model(x, bool_masked_pos=mask)
+    out = model(x, bool_masked_pos=mask, keep_ids=torch.zeros(0, 2, dtype=torch.long))
+    assert out.last_hidden_state.shape[0] == 0
+
+
 @pytest.fixture(scope="module")
 def mae():
     return H.HieraForPreTraining(tiny_mae_config())
@@ -88,6 +115,10 @@ def mae():
     (dict(bool_masked_pos=torch.ones(2, 4, dtype=torch.bool)), ValueError, "bool_masked_pos"),  # nothing masked
     (dict(bool_masked_pos=torch.tensor([[1, 1, 0, 0]] * 2).bool()), ValueError, "1 expected"),  # mask_ratio: keep 1
     (dict(noise=torch.rand(2, 4), bool_masked_pos=torch.tensor([[1, 0, 0, 0]] * 2).bool()), ValueError, "not both"),
+    (dict(noise=torch.rand(2, 4, device="meta")), ValueError, "noise must be on"),  # was accepted: garbage, NaN loss
+    (dict(noise=torch.rand(2, 4, dtype=torch.complex64)), TypeError, "noise must be a floating-point tensor"),
+    (dict(noise=torch.randint(0, 9, (2, 4))), TypeError, "noise must be a floating-point tensor"),
+    (dict(bool_masked_pos=torch.tensor([[1, 0, 0, 0]] * 2, device="meta").bool()), ValueError, "must be on"),
 ])
 def test_bad_mae_masks_and_noise(mae, kwargs, error, match):
     with pytest.raises(error, match=match):
