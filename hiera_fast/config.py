@@ -5,18 +5,38 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+
+def _as(kind: type, v: Any) -> int | bool | None:
+    """``v`` as an int (an integral number, not a bool: 8 or 8.0) or a bool (True / False, or 0 / 1); None if it is
+    not one (1.9, "false", None, ...): such values are errors, never rounded or read by truthiness."""
+    if kind is bool:
+        return bool(v) if isinstance(v, bool) or (isinstance(v, numbers.Integral) and v in (0, 1)) else None
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer()):
+        return int(v)
+    return None
+
+
+def _scalar(value: Any, name: str, kind: type = int) -> int | bool:
+    converted = _as(kind, value)
+    if converted is None:
+        raise ValueError(f"HieraConfig.{name} must be {'an int' if kind is int else 'a bool'}, got {value!r}")
+    return converted
 
 
 def _tuple(value: Any, name: str, kind: type = int) -> tuple:
-    if isinstance(value, (int, float, bool, str)):
+    if isinstance(value, (numbers.Number, str)) or not isinstance(value, Iterable):
         raise ValueError(f"HieraConfig.{name} must be a sequence, got {value!r}")
-    try:
-        return tuple(kind(v) for v in value)
-    except TypeError as err:
-        raise ValueError(f"HieraConfig.{name} must be a sequence of {kind.__name__}, got {value!r}") from err
+    converted = tuple(_as(kind, v) for v in value)
+    if any(v is None for v in converted):
+        raise ValueError(f"HieraConfig.{name} must be a sequence of {kind.__name__}, got {value!r}")
+    return converted
 
 
 def unrolled_window_shape(query_stride: Sequence[int], unrolls: int, size: int) -> tuple[int, ...] | None:
@@ -87,6 +107,13 @@ class HieraConfig:
                      "depths", "num_heads"):
             setattr(self, name, _tuple(getattr(self, name), name))
         self.masked_unit_attention = _tuple(self.masked_unit_attention, "masked_unit_attention", bool)
+        for name in ("embed_dim", "num_query_pool", "num_channels", "num_labels"):
+            setattr(self, name, _scalar(getattr(self, name), name))
+        for name in ("decoder_hidden_size", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _scalar(getattr(self, name), name))
+        for name in ("normalize_pixel_loss", "sep_pos_embed"):
+            setattr(self, name, _scalar(getattr(self, name), name, bool))
         self._validate()
         self._set_out_features()
 

@@ -46,6 +46,16 @@ def test_preset_head_dims():
     assert head_dims["hiera_large_224"] == 72 and head_dims["hiera_huge_224"] == 64
 
 
+def test_integral_values_are_accepted_as_ints():
+    """What JSON or numpy may hand over: 96.0 and numpy ints are ints, 0 / 1 are bools."""
+    import numpy as np
+
+    config = H.HieraConfig(embed_dim=96.0, depths=[np.int64(2), 3, 16, 3], masked_unit_attention=[1, 1, 0, 0])
+    assert config.embed_dim == 96 and type(config.embed_dim) is int
+    assert config.depths == (2, 3, 16, 3) and all(type(d) is int for d in config.depths)
+    assert config.masked_unit_attention == (True, True, False, False)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown Hiera preset"):
         H.HieraConfig.from_preset("hiera_gigantic_224")
@@ -84,6 +94,16 @@ def test_unknown_preset():
     (dict(decoder_hidden_size=500, decoder_depth=1, decoder_num_heads=16), "decoder_num_heads"),
     (dict(out_features=["stage9"]), "out_features"),
     (dict(sep_pos_embed=True), "sep_pos_embed"),
+    # wrong types: never rounded (1.9 -> 1) nor read by truthiness ("false" -> True), nor failing inside torch
+    (dict(embed_dim=True), "embed_dim"),
+    (dict(embed_dim=16.5), "embed_dim"),  # was blamed on num_heads[1] ("dim 33")
+    (dict(num_channels=3.7), "num_channels"),
+    (dict(depths=(1.9, 2, 2, 1)), "depths"),
+    (dict(depths=None), "depths"),
+    (dict(masked_unit_attention=("false",) * 4), "masked_unit_attention"),
+    (dict(decoder_hidden_size=16.5, decoder_depth=1, decoder_num_heads=2), "decoder_hidden_size"),
+    (dict(sep_pos_embed="no"), "sep_pos_embed"),
+    (dict(normalize_pixel_loss=None), "normalize_pixel_loss"),
 ])
 def test_bad_configs_raise_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
