@@ -113,6 +113,46 @@ def test_compile_fullgraph_classifier_aot_eager(device):
     assert max_abs(out, ref) <= 1e-5 * ref.abs().max().item()
 
 
+def test_compile_changing_batch_size(device):
+    """A compiled fused model fed batches of several sizes (a data loader's short last batch): the second size makes
+    dynamo mark the batch dynamic, so the ops' fake implementations must take a symbolic batch; a third size then
+    reuses that graph (no recompile per batch size). Outputs and input gradients equal the uncompiled model's."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1))), std=0.05)
+    model = model.to(device).train()
+    model.fused = True
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    graphs_before = counters["stats"]["unique_graphs"]
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 3, 64, 64, device=device, requires_grad=True)
+        out = compiled(x).logits
+        (got,) = torch.autograd.grad(out.square().sum(), x)
+        ref_out = model(x).logits
+        (ref,) = torch.autograd.grad(ref_out.square().sum(), x)
+        assert out.shape == (batch, 7)
+        assert max_abs(out, ref_out) <= 1e-5 * ref_out.abs().max().item(), batch
+        assert max_abs(got, ref) <= 1e-5 * ref.abs().max().item(), batch
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2  # batch 2 (static), then one dynamic graph
+
+
+def test_inference_mode(device):
+    """``torch.inference_mode()`` (inference tensors, no autograd records): the fused ops run and match eager."""
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1))), std=0.05)
+    model = model.to(device).eval()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    with torch.inference_mode():
+        ref = model(x).logits
+        model.fused = True
+        before = ops.kernel_launches.copy()
+        out = model(x).logits
+    launched = ops.kernel_launches - before
+    assert launched["mask_unit_attention_fwd"] > 0 and launched["unrolled_max_pool_fwd"] > 0
+    assert out.is_inference()
+    assert max_abs(out, ref) <= 1e-5 * ref.abs().max().item()
+
+
 def test_autocast_gradients_in_parameter_dtype(device):
     """Mixed precision: the ops see fp16 activations; the gradients come back in the parameters' dtype (fp32)."""
     model = randomize_(H.HieraForImageClassification(tiny_image_config(), fused=True), std=0.1).to(device)
