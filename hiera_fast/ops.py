@@ -390,10 +390,27 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 def _plain_eager(t: torch.Tensor) -> bool:
-    """Whether a call can skip ``torch.library``'s dispatch: eager mode (not traced by ``torch.compile`` / export), a
-    plain tensor (no subclass such as FakeTensor or DTensor) and no dispatch mode (e.g. a FakeTensorMode) active.
-    Everything else goes through the custom ops, whose fake implementations and autograd formulas those need."""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    """Whether a call can skip ``torch.library``'s dispatch: eager mode (not traced by ``torch.compile`` / export /
+    ``torch.jit.trace``), a plain tensor (no subclass such as FakeTensor or DTensor), no dispatch mode (e.g. a
+    FakeTensorMode) and no ``torch.func`` transform (grad, vmap: their wrapped tensors look plain) active.
+    Everything else goes through the custom ops, whose fake implementations, autograd formulas and vmap rules those
+    need."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def _under_torch_func(op: str) -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, jacrev, ...) is active. The custom ops have no rules for
+    them (``torch.library``'s autograd formula is not a functorch-ready ``autograd.Function``, and their wrapped
+    tensors have no storage for a kernel to read), so the fused ops run the eager path there: per-sample gradients
+    and friends stay right, at eager speed. Warns once per op."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    reason = "a torch.func transform (grad, vmap, jvp, ...) is active; the fused ops have no rules for them"
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        _warn_at_caller(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}")
+    return True
 
 
 def mask_unit_attention(
@@ -421,7 +438,7 @@ def mask_unit_attention(
     """
     num_windows = check_qkv(qkv, num_heads, q_stride, window_size, use_mask_unit_attn)
     qkv = _autocast_input(qkv)
-    if not _check_flag("fused", fused):
+    if not _check_flag("fused", fused) or _under_torch_func("mask_unit_attention"):
         return reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
     if runs_sdpa(num_windows, qkv.device):
         return global_attention_sdpa(qkv, num_heads, q_stride)
@@ -569,7 +586,7 @@ def unrolled_max_pool(x: torch.Tensor, stride: int, fused: bool = False) -> torc
     fused = _check_flag("fused", fused)
     if stride == 1:
         return x
-    if not fused:
+    if not fused or _under_torch_func("unrolled_max_pool"):
         return reference.unrolled_max_pool_eager(x, stride)
     if not _plain_eager(x):
         return _pool_fwd(x, stride)

@@ -471,3 +471,73 @@ def test_double_backward_raises(device, op):
     (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.square().sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- tracing and torch.func
+def _tiny_fused_classifier():
+    import hiera_fast as H
+    from helpers import randomize_, tiny_image_config
+
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(depths=(1, 1, 1, 1))), std=0.05).eval()
+    fused = H.HieraForImageClassification(model.config, fused=True).eval()
+    fused.load_state_dict(model.state_dict())
+    return model, fused
+
+
+class _Logits(torch.nn.Module):
+    """A model's logits as a plain tensor: what ``torch.jit.trace`` can return."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+@needs_triton
+def test_jit_trace_records_the_custom_ops():
+    """``torch.jit.trace`` sees the shapes as traced values: the fused ops go through ``torch.library`` (not the
+    launchers, which need ints), so the trace records them and follows a new input (it failed in the launcher's
+    grid math before)."""
+    eager, fused = _tiny_fused_classifier()
+    x1, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(_Logits(fused), x1, check_trace=False)
+        before = ops.kernel_launches.copy()
+        got = traced(x2)
+        launched = ops.kernel_launches - before
+        ref = eager(x2).logits
+    assert launched["mask_unit_attention_fwd"] > 0 and launched["unrolled_max_pool_fwd"] > 0
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_torch_func_transforms_run_eager_with_warning(fresh_warnings):
+    """``torch.func.grad`` and ``vmap`` (per-sample gradients) over a fused model: the ops have no functorch rules,
+    so they run the eager path with one warning per op, and the results are eager's (both failed with torch-internal
+    errors before)."""
+    from torch.func import functional_call, grad, vmap
+
+    eager, fused = _tiny_fused_classifier()
+    params = {k: v.detach() for k, v in eager.named_parameters()}
+    x, labels = torch.randn(3, 3, 64, 64), torch.tensor([1, 4, 6])
+
+    def loss(model):
+        return lambda p, xb, yb: functional_call(model, p, (xb,), {"labels": yb}).loss
+
+    def per_sample(model):
+        return vmap(grad(loss(model)), in_dims=(None, 0, 0))(params, x[:, None], labels[:, None])
+
+    before = ops.kernel_launches.copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, got_batch = per_sample(fused), grad(loss(fused))(params, x, labels)
+    assert sum((ops.kernel_launches - before).values()) == 0
+    reasons = sorted(str(w.message).split(":")[1] for w in caught if "torch.func transform" in str(w.message))
+    assert reasons == [" fused mask_unit_attention runs the eager PyTorch path", " fused unrolled_max_pool runs the "
+                       "eager PyTorch path"], reasons
+    ref, ref_batch = per_sample(eager), grad(loss(eager))(params, x, labels)
+    for name in params:
+        assert got[name].shape == (3, *params[name].shape)
+        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-7), name
+        assert torch.allclose(got_batch[name], ref_batch[name], rtol=1e-5, atol=1e-7), name
