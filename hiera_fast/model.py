@@ -250,9 +250,10 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
 
     @fused.setter
     def fused(self, value: bool) -> None:
+        value = ops._check_flag("fused", value)  # a bool (or 0 / 1): the string "False" is a TypeError, not True
         for m in self.modules():
             if isinstance(m, HieraMaskUnitAttention):
-                m.fused = bool(value)
+                m.fused = value
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each encoder layer in the backward instead of keeping its activations (training only): less

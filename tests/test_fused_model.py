@@ -74,6 +74,11 @@ def test_model_fused_toggle_at_run_time(device):
         model(x)
         assert ops.kernel_launches["mask_unit_attention_fwd"] == before
     assert _rel(got, ref) <= 1e-5
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        model.fused = "False"  # truthy: it would have switched the kernels on
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        H.HieraModel(tiny_image_config(), fused="yes")
+    assert not model.fused
 
 
 @pytest.mark.parametrize("make_config", [tiny_mae_config, lambda: tiny_video_config(
