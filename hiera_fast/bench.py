@@ -10,7 +10,8 @@ each iteration (so a progress bar can tick); on a CPU :func:`time_ms` and :func:
 Bytes model of one attention call (DESIGN.md §5): the least traffic any implementation needs. The forward reads
 qkv ``[B, N, 3C]`` once and writes out ``[B, N / q_stride, C]`` once; the backward reads qkv, out and d_out and
 writes d_qkv (the fused kernel's 4-byte-per-row log-sum-exp is left out). Achieved bandwidth is that byte count
-over the median time, reported next to the fraction of the H100's measured 3.0 TB/s copy bandwidth.
+over the median time, reported next to the fraction of the GPU's measured copy bandwidth (H100 3.0 TB/s, H200
+4.3 TB/s; :func:`peak_bandwidth`).
 """
 
 from __future__ import annotations

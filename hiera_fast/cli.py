@@ -311,7 +311,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         dtypes = _dtypes(args.dtype or "fp32")
         if torch.bfloat16 in dtypes:
             raise UsageError("bf16 cannot be checked without CUDA: Triton's interpreter computes bf16 wrongly "
-                             "(DESIGN.md §6); use fp32 or fp16 here, bf16 on a GPU")
+                             "; use fp32 or fp16 here, bf16 on a GPU")
         rerun = _ensure_interpreter(args.argv)
         if rerun is not None:
             return rerun
@@ -412,8 +412,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if cuda:
         impls += ["fused"] + ["fused+compile"] * args.compile + ["fused+cudagraphs"] * args.cudagraphs
     else:
-        notes.append("no CUDA device: timing the eager model only; fused numbers need CUDA (on a CPU the Triton "
-                     "kernels run only under Triton's interpreter, which is far too slow to time)")
+        timed = "the eager model and the peers" if args.peers else "the eager model"
+        notes.append(f"no CUDA device: no fused variant is timed, only {timed}; fused numbers need CUDA (on a CPU the "
+                     "Triton kernels run only under Triton's interpreter, which is far too slow to time)")
         if args.dtype is None:
             notes.append("float32 on the CPU (bf16 there is slow and is not what the kernels target); pass --dtype to "
                          "change")
@@ -513,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput: eager vs fused (vs torch.compile, vs the peers)",
                        description="Images (or clips) per second of one model: eager vs fused=True (vs fused + "
                                    "torch.compile with --compile, + CUDA graphs with --cudagraphs, vs transformers/"
-                                   "official/timm/hiera-optim with --peers), and peak memory. Without CUDA only the "
-                                   "eager model is timed.")
+                                   "official/timm/hiera-optim with --peers), and peak memory. Without CUDA no fused "
+                                   "variant is timed (only eager, and the peers with --peers).")
     p.add_argument("--model", default="hiera_base_224", help="a preset (default: hiera_base_224)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: 64 on CUDA, 1 on a CPU)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16 on CUDA, fp32 on a CPU)")

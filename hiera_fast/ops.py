@@ -6,14 +6,18 @@ implementation and a registered autograd formula) whose body picks a backend fro
 
 - CUDA tensor → the Triton kernels (on GPUs of compute capability 8.0 or newer; older ones take the eager path);
 - CPU tensor with ``TRITON_INTERPRET=1`` set before Triton kernels were defined → the same kernels under
-  Triton's interpreter (slow; this is how the kernels are tested without a GPU);
+  Triton's interpreter (slow; this is how the kernels are tested without a GPU; bfloat16 runs the eager path there);
 - anything else → the eager reference, with one warning saying why.
+
+Shapes past the kernels' limits (:func:`_kernel_input_limit`) and calls under ``torch.func`` transforms run the eager
+path too, with a warning.
 
 Global attention (one window) on CUDA is the exception: it runs PyTorch's SDPA on views of qkv by default, which is
 faster there than our kernel (:func:`set_global_attention`).
 
-In plain eager mode (no ``torch.compile``, no tensor subclass or dispatch mode) the same bodies run under a
-``torch.autograd.Function`` instead, which skips the dispatcher's host cost; results are identical.
+In plain eager mode (no ``torch.compile`` or ``torch.jit.trace``, no tensor subclass or dispatch mode) the same
+bodies run under a ``torch.autograd.Function`` instead, which skips the dispatcher's host cost; results are
+identical.
 
 :func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op (and the
 SDPA-routed global calls, as ``global_attention_sdpa``), so tests can prove which path ran. The backward runs the
@@ -372,7 +376,7 @@ _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_s
 class _AttentionFunction(torch.autograd.Function):
     """Eager mode's autograd node for the fused attention: the custom ops' bodies without ``torch.library``'s
     dispatch, which costs ~190 µs of host time per forward + backward (measured on CPU), while eager-mode training
-    of Hiera-B at batch 128 is host-bound on an H100/H200 (``benchmarks/results/2026-11-27-h200``). Same results:
+    of Hiera-B at batch 128 is host-bound on an H200 (``benchmarks/results/2026-11-27-h200``). Same results:
     both paths run :func:`_attention_forward_impl` / :func:`_attention_backward_impl`. No double backward."""
 
     @staticmethod
@@ -391,10 +395,10 @@ class _AttentionFunction(torch.autograd.Function):
 
 def _plain_eager(t: torch.Tensor) -> bool:
     """Whether a call can skip ``torch.library``'s dispatch: eager mode (not traced by ``torch.compile`` / export /
-    ``torch.jit.trace``), a plain tensor (no subclass such as FakeTensor or DTensor), no dispatch mode (e.g. a
-    FakeTensorMode) and no ``torch.func`` transform (grad, vmap: their wrapped tensors look plain) active.
-    Everything else goes through the custom ops, whose fake implementations, autograd formulas and vmap rules those
-    need."""
+    ``torch.jit.trace``), a plain tensor (no subclass such as FakeTensor or DTensor) and no dispatch mode (e.g. a
+    FakeTensorMode) active. Everything else goes through the custom ops, whose fake implementations and autograd
+    formulas those need. (``torch.func`` transforms never get here: :func:`_under_torch_func` sends them to the eager
+    path first.)"""
     return (type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0)
 
