@@ -310,8 +310,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         dtypes = _dtypes(args.dtype or "fp32")
         if torch.bfloat16 in dtypes:
-            raise UsageError("bf16 cannot be checked without CUDA: Triton's interpreter computes bf16 wrongly "
-                             "; use fp32 or fp16 here, bf16 on a GPU")
+            raise UsageError("bf16 cannot be checked without CUDA: Triton's interpreter computes bf16 wrongly; use "
+                             "fp32 or fp16 here, bf16 on a GPU")
         rerun = _ensure_interpreter(args.argv)
         if rerun is not None:
             return rerun

@@ -399,11 +399,12 @@ def _keep_ids_from_mask(mask: torch.Tensor, num_keep: int | None = None) -> torc
     """
     compiling = torch.compiler.is_compiling()
     if num_keep is None:
-        if compiling or mask.device.type == "meta" or mask.shape[0] == 0:
-            why = ("under torch.compile" if compiling else "on the meta device (no values)" if mask.device.type ==
-                   "meta" else "for an empty batch")
-            raise ValueError(f"the number of visible mask units of bool_masked_pos is read from its values: {why} "
-                             "pass keep_ids= too")
+        unreadable = {"under torch.compile": compiling, "on the meta device (no values)": mask.device.type == "meta",
+                      "for an empty batch": mask.shape[0] == 0}
+        for why, applies in unreadable.items():
+            if applies:
+                raise ValueError(f"the number of visible mask units of bool_masked_pos is read from its values: {why} "
+                                 "pass keep_ids= too")
         num_keep = int(mask[0].sum())
     if not compiling and mask.device.type != "meta":
         counts = mask.sum(1)

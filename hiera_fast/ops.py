@@ -143,10 +143,16 @@ def _use_triton(device: torch.device, op: str, unsupported: str | None = None) -
     backend, reason = _backend_for(device)  # cached: this runs on every fused call
     if backend != "eager" and unsupported:
         backend, reason = "eager", unsupported
-    if backend == "eager" and (op, reason) not in _warned:
+    if backend == "eager":
+        _warn_eager_once(op, reason)
+    return backend != "eager"
+
+
+def _warn_eager_once(op: str, reason: str) -> None:
+    """The fallback warning, once per op and reason."""
+    if (op, reason) not in _warned:
         _warned.add((op, reason))
         _warn_at_caller(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}")
-    return backend != "eager"
 
 
 _INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
@@ -410,10 +416,8 @@ def _under_torch_func(op: str) -> bool:
     and friends stay right, at eager speed. Warns once per op."""
     if not torch._C._are_functorch_transforms_active():
         return False
-    reason = "a torch.func transform (grad, vmap, jvp, ...) is active; the fused ops have no rules for them"
-    if (op, reason) not in _warned:
-        _warned.add((op, reason))
-        _warn_at_caller(f"hiera_fast: fused {op} runs the eager PyTorch path: {reason}")
+    _warn_eager_once(op, "a torch.func transform (grad, vmap, jvp, ...) is active; the fused ops have no rules for "
+                         "them")
     return True
 
 
