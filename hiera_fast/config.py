@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
@@ -56,6 +57,10 @@ def unrolled_window_shape(query_stride: Sequence[int], unrolls: int, size: int) 
     return tuple(shape) if n == size else None
 
 
+# transformers' problem types of an image classifier (None: from the labels, per call)
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 @dataclass
 class HieraConfig:
     """Hyper-parameters of a Hiera model, named as in ``transformers.HieraConfig``.
@@ -99,6 +104,7 @@ class HieraConfig:
     out_features: list[str] | None = None
     out_indices: list[int] | None = None
     num_labels: int = 1000
+    problem_type: str | None = None
     sep_pos_embed: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -139,6 +145,8 @@ class HieraConfig:
             raise ValueError("HieraConfig.embed_dim and num_channels must be positive")
         if self.num_labels < 0:
             raise ValueError(f"HieraConfig.num_labels must be >= 0 (0: no classifier), got {self.num_labels}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"HieraConfig.problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"HieraConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -285,15 +293,23 @@ class HieraConfig:
             raise ValueError(f"not a Hiera config: model_type is {data.get('model_type')!r}, expected 'hiera' (a "
                              "transformers config.json) or timm's 'architecture' key")
         known = {f.name for f in fields(cls)} - {"extra"}
-        if "num_labels" not in data and "id2label" in data:
-            data["num_labels"] = len(data["id2label"])
+        if "num_labels" not in data:  # transformers writes neither for its default of 2 labels
+            data["num_labels"] = len(data["id2label"]) if "id2label" in data else 2
         for key in ("_out_features", "_out_indices"):
             if key in data:
                 data.setdefault(key[1:], data.pop(key))
         kwargs = {k: v for k, v in data.items() if k in known}
         derived = {"model_type", "hidden_size", "stage_names"}
         extra = {k: v for k, v in data.items() if k not in known and k not in derived}
-        return cls(**kwargs, extra=extra)
+        config = cls(**kwargs, extra=extra)
+        flags = config.masked_unit_attention
+        if any(not before and now for before, now in zip(flags, flags[1:])):
+            warnings.warn(f"hiera_fast: masked_unit_attention={list(flags)} turns mask-unit attention on after a "
+                          "stage without it; a stage's first block then follows the previous stage's flag here, as "
+                          "in the official model, while transformers' HieraModel gives it mask-unit attention if "
+                          "either stage has it: a checkpoint trained with transformers computes differently here",
+                          stacklevel=2)
+        return config
 
     @classmethod
     def _from_timm_dict(cls, data: dict) -> "HieraConfig":

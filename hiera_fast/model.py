@@ -529,40 +529,57 @@ class HieraForImageClassification(HieraPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, interpolate_pos_encoding: bool = False, return_dict: bool = True):
         if labels is not None:
-            _check_labels(labels, pixel_values.shape[0], self.config.num_labels)
+            _check_labels(labels, pixel_values.shape[0], self.config)
         outputs = self.hiera(pixel_values, output_hidden_states=output_hidden_states,
                              interpolate_pos_encoding=interpolate_pos_encoding)
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else _classification_loss(logits, labels, self.config.num_labels)
+        loss = None if labels is None else _classification_loss(logits, labels, self.config)
         out = HieraForImageClassificationOutput(loss, logits, outputs.hidden_states, outputs.reshaped_hidden_states)
         return out if return_dict else out.to_tuple()
 
 
-def _check_labels(labels, batch: int, num_labels: int) -> None:
-    """transformers' three label kinds, each with its shape: regression ``[B]``/``[B, 1]`` (one label), class ids
-    ``[B]`` (int64/int32), multi-hot ``[B, num_labels]`` (floating point)."""
+def _problem_type(config: HieraConfig, labels: torch.Tensor) -> str:
+    """``config.problem_type``, or transformers' choice when it is None: regression for one label, single-label
+    classification for class ids (int64/int32), multi-label classification for floating-point targets."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def _check_labels(labels, batch: int, config: HieraConfig) -> None:
+    """transformers' three label kinds, each with its shape: regression targets ``[B]``/``[B, 1]`` (one label) or
+    ``[B, num_labels]``, class ids ``[B]`` (int64/int32), multi-hot targets ``[B, num_labels]`` (floating point)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    num_labels = config.num_labels
     if num_labels < 1:
         raise ValueError("labels need a classifier: the config has num_labels=0")
-    if num_labels == 1:
-        kind, shapes = "regression targets", [(batch,), (batch, 1)]
-    elif labels.dtype in (torch.long, torch.int):
+    problem = _problem_type(config, labels)
+    if problem == "single_label_classification":
+        if labels.dtype not in (torch.long, torch.int):
+            raise TypeError(f"labels must be int64/int32 class ids (problem_type {problem}), got {labels.dtype}")
         kind, shapes = "class ids", [(batch,)]
-    elif labels.is_floating_point():
-        kind, shapes = "multi-hot targets", [(batch, num_labels)]
+    elif not (labels.is_floating_point() or problem == "regression" and labels.dtype in (torch.long, torch.int)):
+        raise TypeError(f"labels must be floating-point targets (problem_type {problem}), got {labels.dtype}")
+    elif problem == "regression":
+        kind, shapes = "regression targets", [(batch,), (batch, 1)] if num_labels == 1 else [(batch, num_labels)]
     else:
-        raise TypeError(f"labels must be int64/int32 class ids or floating-point targets, got {labels.dtype}")
+        kind, shapes = "multi-hot targets", [(batch, num_labels)]
     if tuple(labels.shape) not in shapes:
         raise ValueError(f"labels as {kind} must have shape {' or '.join(map(str, shapes))}, "
                          f"got {tuple(labels.shape)}")
 
 
-def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """transformers' default: regression for one label, cross-entropy for class ids, BCE for multi-hot labels."""
-    if num_labels == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
-    if labels.dtype in (torch.long, torch.int):
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: HieraConfig) -> torch.Tensor:
+    """transformers' loss for :func:`_problem_type`: MSE, cross-entropy or BCE with logits."""
+    problem, num_labels = _problem_type(config, labels), config.num_labels
+    if problem == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 

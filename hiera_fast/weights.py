@@ -23,6 +23,8 @@ from .config import HieraConfig
 _HEAD_PREFIXES = ("classifier.", "pooler.", "encoder_norm.", "multiscale_fusion.", "decoder.", "hidden_states_norms.")
 _ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # transformers' sharded saves
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".json")
 _BLOCK_RENAMES = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after."}
 # the official Hiera / MaskedAutoencoderHiera constructor arguments (its hub-mixin config.json holds the ones passed)
 _OFFICIAL_ARGS = {"input_size", "in_chans", "embed_dim", "num_heads", "num_classes", "stages", "q_pool", "q_stride",
@@ -98,7 +100,10 @@ def checkpoint_format(state: dict[str, torch.Tensor]) -> str:
 
 
 def to_base_keys(state: dict[str, torch.Tensor], config: HieraConfig) -> dict[str, torch.Tensor]:
-    """Any supported checkpoint → transformers' names without the ``hiera.`` prefix."""
+    """Any supported checkpoint → transformers' names without the ``hiera.`` prefix. A timm ``features_only`` model's
+    keys (``model.blocks.*``: the wrapped model's) lose their ``model.`` prefix."""
+    if state and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     fmt = checkpoint_format(state)
     if fmt == "transformers":
         return {k.removeprefix("hiera."): v for k, v in state.items()}
@@ -108,11 +113,13 @@ def to_base_keys(state: dict[str, torch.Tensor], config: HieraConfig) -> dict[st
 def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     """The official ``Hiera``/``MaskedAutoencoderHiera`` constructor arguments (hub-mixin ``config.json``)."""
     stages = tuple(cfg.get("stages", (2, 3, 16, 3)))
-    heads, head_mul = cfg.get("num_heads", 1), cfg.get("head_mul", 2.0)
+    heads, head_mul = [cfg.get("num_heads", 1)], cfg.get("head_mul", 2.0)
+    for _ in stages[1:]:  # the official model rounds at every stage: int(int(h * m) * m), not int(h * m**2)
+        heads.append(int(heads[-1] * head_mul))
     kwargs = dict(
         embed_dim=cfg.get("embed_dim", 96), image_size=cfg.get("input_size", (224, 224)),
         num_channels=cfg.get("in_chans", 3), num_labels=cfg.get("num_classes", 1000), depths=stages,
-        num_heads=tuple(int(heads * head_mul**i) for i in range(len(stages))), num_query_pool=cfg.get("q_pool", 3),
+        num_heads=tuple(heads), num_query_pool=cfg.get("q_pool", 3),
         query_stride=cfg.get("q_stride", (2, 2)), masked_unit_size=cfg.get("mask_unit_size", (8, 8)),
         masked_unit_attention=cfg.get("mask_unit_attn", (True, True, False, False)),
         embed_dim_multiplier=cfg.get("dim_mul", 2.0), patch_size=cfg.get("patch_kernel", (7, 7)),
@@ -158,15 +165,16 @@ def _resolve_source(source: str | os.PathLike) -> str:
     path = os.fspath(source)
     if os.path.exists(path):
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) is None:
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) is None or path.endswith(_CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(f"{path!r} is neither a local file/directory nor a Hugging Face hub id (org/name)")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "*.bin", "*.pth"])
     except Exception as err:  # offline, unknown repo, no network: one clear message
-        raise OSError(f"could not fetch {path!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-                      "Offline? Pass a local directory or checkpoint file instead.") from err
+        raise OSError(f"{path!r} is not a local file or directory, and fetching it as a Hugging Face hub id failed "
+                      f"({type(err).__name__}: {err}). Offline? Pass a local directory or checkpoint file instead."
+                      ) from err
 
 
 def load_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], HieraConfig | None]:
@@ -175,24 +183,52 @@ def load_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if os.path.isfile(path):
         return _read_state_file(path), None
     weights = [os.path.join(path, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
-    if not weights:
-        raise FileNotFoundError(f"no weights in {path!r}: expected one of {_WEIGHT_FILES}")
+    indexes = [os.path.join(path, f) for f in _SHARD_INDEXES if os.path.isfile(os.path.join(path, f))]
+    if not weights and not indexes:
+        raise FileNotFoundError(f"no weights in {path!r}: expected one of {_WEIGHT_FILES + _SHARD_INDEXES}")
     config = None
     config_path = os.path.join(path, "config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:
             raw = json.load(f)
         config = config_from_json(raw)
-    return _read_state_file(weights[0]), config
+    if weights:
+        return _read_state_file(weights[0]), config
+    return _read_shards(indexes[0]), config
+
+
+def _read_shards(index_path: str) -> dict[str, torch.Tensor]:
+    """A sharded transformers checkpoint: the shards its index file's ``weight_map`` names, merged."""
+    with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_read_state_file(os.path.join(os.path.dirname(index_path), shard)))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"{index_path} lists tensors that its shards do not hold: {missing[:5]}")
+    return state
+
+
+def _head(key: str, prefix: str) -> str | None:
+    """The task head (one of :data:`_HEAD_PREFIXES`) a model key belongs to, or None for the encoder."""
+    base = key.removeprefix(prefix)
+    return next((p for p in _HEAD_PREFIXES if base.startswith(p)), None)
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load base-named ``state`` into ``model``; task heads may be dropped or left initialised (warned), anything
-    else missing, unexpected or of the wrong shape is an error listing the keys."""
+    """Load base-named ``state`` into ``model``. A task head only one side has is dropped (the checkpoint's) or left
+    initialised (the model's), with a warning; a classifier of another size is replaced, with a warning. A head both
+    have must match key for key (an MAE decoder of another depth is an error), as must the encoder: anything missing,
+    unexpected or of the wrong shape is an error listing the keys."""
     prefix = getattr(model, "_checkpoint_prefix", "")
     state = {(prefix + k if k.startswith(_ENCODER_PREFIXES) else k): v for k, v in state.items()}
     own = model.state_dict()
-    dropped = [k for k in state if k not in own and k.removeprefix(prefix).startswith(_HEAD_PREFIXES)]
+    own_heads = {_head(k, prefix) for k in own} - {None}
+    state_heads = {_head(k, prefix) for k in state} - {None}
+    dropped = [k for k in state if _head(k, prefix) in state_heads - own_heads]
     resized = [k for k in state if k in own and k.startswith("classifier.") and state[k].shape != own[k].shape]
     for k in dropped + resized:
         state.pop(k)
@@ -200,7 +236,8 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and v.shape != own[k].shape]
     missing = [k for k in own if k not in state]
-    initialised = [k for k in missing if k.removeprefix(prefix).startswith(_HEAD_PREFIXES)]
+    initialised = [k for k in missing if _head(k, prefix) in own_heads - state_heads
+                   or (k.startswith("classifier.") and resized)]
     missing = [k for k in missing if k not in initialised]
     if unexpected or missing or wrong:
         raise ValueError("checkpoint does not fit the model (is the config right?):"
@@ -226,10 +263,16 @@ class PretrainedMixin:
         """Build and load a model from ``source``: a transformers directory (config.json + safetensors/.bin), an
         official checkpoint file (``{"model_state": ...}``) or hub-mixin directory, a timm state dict file, or a
         Hugging Face hub id. A bare state-dict file needs ``config=`` (a HieraConfig or a preset name such as
-        ``"hiera_base_224"``)."""
+        ``"hiera_base_224"``); with a preset name the number of classes is the checkpoint's classifier's (a model
+        fine-tuned to 10 classes loads as one), with a HieraConfig it is the config's (another size is replaced by a
+        new classifier, with a warning)."""
         state, found = load_checkpoint(source)
         if isinstance(config, str):
-            config = HieraConfig.from_preset(config)
+            preset = config
+            config = HieraConfig.from_preset(preset)
+            head = to_base_keys(state, config).get("classifier.weight")
+            if head is not None and head.dim() == 2 and head.shape[0] != config.num_labels:
+                config = HieraConfig.from_preset(preset, num_labels=head.shape[0])
         config = config or found
         if config is None:
             raise ValueError(f"{os.fspath(source)!r} holds no config.json: pass config= (a HieraConfig or a preset "
@@ -245,7 +288,12 @@ class PretrainedMixin:
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        self.config.extra = {**self.config.extra, "architectures": [type(self).__name__]}
+        extra = {**self.config.extra, "architectures": [type(self).__name__]}
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        for key in ("dtype", "torch_dtype"):  # the weights' dtype, not the one of the checkpoint this was loaded from
+            if key in extra or key == "dtype" and dtype is not None:
+                extra[key] = str(dtype).removeprefix("torch.")
+        self.config.extra = extra
         self.config.save_pretrained(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -23,8 +23,8 @@ def tiny_video_config(**overrides) -> H.HieraConfig:
 
 
 def tiny_mae_config(**overrides) -> H.HieraConfig:
-    return tiny_image_config(num_query_pool=2, decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=2,
-                             **overrides)
+    return tiny_image_config(**{"num_query_pool": 2, "decoder_hidden_size": 16, "decoder_depth": 1,
+                                "decoder_num_heads": 2, **overrides})
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

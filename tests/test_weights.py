@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -111,10 +112,140 @@ def test_foreign_config_json_is_an_error(tmp_path):
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="could not fetch 'facebook/hiera-tiny-224-hf'"):
+    with pytest.raises(OSError, match="'facebook/hiera-tiny-224-hf' is not a local file or directory, and fetching "
+                                      "it as a Hugging Face hub id failed"):
         H.HieraModel.from_pretrained("facebook/hiera-tiny-224-hf")
 
 
-def test_missing_path_is_a_clear_error():
+@pytest.mark.parametrize("path", ["./no/such/thing.pth", "weights/hiera_tiny.pth", "ckpts/model.safetensors"])
+def test_missing_path_is_a_clear_error(path):
+    """A mistyped relative path of one folder and a file looks like a hub id (org/name): its checkpoint suffix says
+    it is a file, so the error is about the file, not a hub download."""
     with pytest.raises(FileNotFoundError, match="neither a local file"):
-        H.HieraModel.from_pretrained("./no/such/thing.pth")
+        H.HieraModel.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------- other libraries' saves
+def _transformers_classifier(**overrides):
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(image_size=[64, 64], embed_dim=16, num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1], **overrides)
+    return transformers, randomize_(transformers.HieraForImageClassification(transformers.HieraConfig(**kwargs)),
+                                    std=0.1).eval()
+
+
+def test_transformers_default_two_labels(tmp_path):
+    """transformers writes no num_labels / id2label for its default of 2 labels: that is 2 here too (it was 1000, a
+    fresh head replacing the checkpoint's)."""
+    _, theirs = _transformers_classifier()
+    theirs.save_pretrained(tmp_path)
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.num_labels == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("problem_type, labels", [
+    ("regression", torch.randn(2, 3)), ("multi_label_classification", torch.randint(0, 2, (2, 3)).float()),
+    ("single_label_classification", torch.tensor([0, 2])), (None, torch.tensor([1, 2])),
+])
+def test_problem_type_picks_transformers_loss(tmp_path, problem_type, labels):
+    """config.json's problem_type picks the loss as in transformers (float targets with regression: MSE, not the
+    BCE that the labels' dtype alone would pick)."""
+    _, theirs = _transformers_classifier(num_labels=3, problem_type=problem_type)
+    theirs.save_pretrained(tmp_path)
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.problem_type == problem_type
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x, labels=labels).loss
+        assert abs(ours(x, labels=labels).loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_bad_problem_type_names_the_field():
+    with pytest.raises(ValueError, match="problem_type"):
+        tiny_image_config(problem_type="classification")
+
+
+def test_sharded_transformers_checkpoint(tmp_path):
+    """``save_pretrained(max_shard_size=...)`` writes shards and an index: all shards load (no weights were found)."""
+    _, theirs = _transformers_classifier(num_labels=5)
+    theirs.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_save_writes_the_weights_dtype(tmp_path):
+    """A model loaded from an fp16 checkpoint and saved in fp32 says float32 in its config.json (the source's float16
+    stayed, and transformers then loaded the fp32 weights in fp16)."""
+    transformers, theirs = _transformers_classifier(num_labels=5)
+    theirs.half().save_pretrained(tmp_path / "fp16")
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path / "fp16")
+    ours.save_pretrained(tmp_path / "ours")
+    again = transformers.HieraForImageClassification.from_pretrained(tmp_path / "ours")
+    assert again.dtype == torch.float32
+
+
+def test_masked_unit_attention_switched_back_on_warns():
+    """transformers and the official model build a stage's first block differently when mask-unit attention comes
+    back on after a stage without it: such a transformers config.json warns."""
+    data = {**tiny_image_config(masked_unit_attention=(True, False, True, False)).to_dict()}
+    with pytest.warns(UserWarning, match="transformers' HieraModel gives it mask-unit attention"):
+        H.HieraConfig.from_dict(data)
+
+
+def test_official_head_mul_rounds_per_stage(tmp_path):
+    """The official model rounds the heads at every stage (``int(int(1 * 1.5) * 1.5) = 1``, not ``int(1.5**2) = 2``):
+    a hub-mixin config with head_mul 1.5 gives its heads, and its outputs."""
+    hiera = pytest.importorskip("hiera")
+    args = dict(input_size=(64, 64), embed_dim=24, num_heads=1, head_mul=1.5, stages=(1, 1, 1, 1), num_classes=5)
+    theirs = randomize_(hiera.Hiera(**args), std=0.1).eval()
+    torch.save(theirs.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps(args))
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.num_heads == (1, 1, 1, 1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = torch.log(theirs(x))  # the official head returns probabilities in eval
+        got = torch.log_softmax(ours(x).logits, -1)
+    assert max_abs(got, ref) <= 1e-4 * ref.abs().max().item()
+
+
+def test_preset_name_takes_the_checkpoints_classes(tmp_path):
+    """``config="hiera_tiny_224"`` with an official checkpoint fine-tuned to 10 classes loads its classifier (a
+    fresh 1000-class head replaced it); a HieraConfig says the classes itself (another size: a new head, warned)."""
+    state = H.HieraForImageClassification(H.HieraConfig.from_preset("hiera_tiny_224", num_labels=10)).state_dict()
+    torch.save({"model_state": state}, tmp_path / "ft.pth")
+    model = H.HieraForImageClassification.from_pretrained(tmp_path / "ft.pth", config="hiera_tiny_224")
+    assert model.config.num_labels == 10
+    assert torch.equal(model.classifier.weight, state["classifier.weight"])
+    with pytest.warns(UserWarning, match="another head"):
+        H.HieraForImageClassification.from_pretrained(tmp_path / "ft.pth",
+                                                      config=H.HieraConfig.from_preset("hiera_tiny_224"))
+
+
+def test_mae_decoder_of_another_depth_is_an_error(tmp_path):
+    """A head both sides have must match key for key: an MAE decoder deeper or shallower than the config's is an
+    error (it was dropped or left initialised with a warning, and the loss silently changed)."""
+    model = H.HieraForPreTraining(tiny_mae_config(decoder_depth=2))
+    model.save_pretrained(tmp_path)
+    config = H.HieraConfig.from_pretrained(tmp_path)
+    for depth, word in ((1, "unexpected"), (3, "missing")):
+        config.decoder_depth = depth
+        with pytest.raises(ValueError, match=word):
+            H.HieraForPreTraining.from_pretrained(tmp_path, config=config)
+
+
+def test_timm_features_only_state_dict(tmp_path):
+    """timm's ``features_only`` model wraps the net as ``model.``: its keys lose that prefix and load."""
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("hiera_tiny_224", features_only=True, img_size=(64, 64), out_indices=(0, 1, 2, 3))
+    torch.save(net.state_dict(), tmp_path / "feat.pth")
+    config = H.HieraConfig.from_preset("hiera_tiny_224", image_size=(64, 64))
+    model = H.HieraModel.from_pretrained(tmp_path / "feat.pth", config=config)
+    assert torch.equal(model.embeddings.position_embeddings, net.state_dict()["model.pos_embed"])
