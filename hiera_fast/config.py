@@ -75,6 +75,11 @@ class HieraConfig:
     ``m <= len(depths) - 1`` (or one stride level further in the leading dims, e.g. ``(8, 4)``); see
     :func:`unrolled_window_shape`. Dropping mask units (MAE, ``bool_masked_pos``) also needs
     ``masked_unit_size == query_stride**(len(depths) - 1)`` (:attr:`supports_masking`).
+
+    ``masked_unit_attention[s]`` is read as the official model does: stage ``s``'s first block takes the previous
+    stage's flag, its other blocks their own (transformers differs when a stage turns it back on: such a
+    ``config.json`` warns in :meth:`from_dict`). ``problem_type`` picks the classifier's loss as in transformers
+    (None: from the labels).
     """
 
     embed_dim: int = 96
