@@ -584,6 +584,23 @@ def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: Hie
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
+def _check_prediction_grid(config: HieraConfig, pred_stride: int) -> None:
+    """The MAE predicts one ``pred_stride``-sized pixel patch (of the first frame of a temporal patch, for video) per
+    final token, as the official model does: its label grid (:meth:`HieraForPreTraining.pixel_labels`) must be the
+    final token grid, or the loss would compare predictions with other tokens' pixels."""
+    tokens_final = [t // q**config.num_query_pool for t, q in zip(config.tokens_spatial_shape, config.query_stride)]
+    size = list(config.image_size)
+    labels = [n // pred_stride for n in size[-2:]]
+    if config.spatial_dims == 3:
+        labels.insert(0, -(-size[0] // config.patch_stride[0]))  # every patch_stride[0]-th frame
+    if labels != tokens_final:
+        raise ValueError(f"HieraForPreTraining: the final token grid {tokens_final} differs from the grid of "
+                         f"{pred_stride}-pixel label patches {labels} (pred_stride = patch_stride[-1] * "
+                         f"query_stride[-1]**num_query_pool): patch_stride * query_stride**num_query_pool must be the "
+                         f"same in every spatial dim, and query_stride 1 in time (patch_stride {config.patch_stride}, "
+                         f"query_stride {config.query_stride}, num_query_pool {config.num_query_pool})")
+
+
 class HieraMultiScaleHead(nn.Module):
     """MAE multi-scale fusion: strided convs bring stages 1..q_pool down to the last stage's mask-unit grid."""
 
@@ -668,6 +685,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
         self.multiscale_fusion = HieraMultiScaleHead(config)
         self.decoder = HieraDecoder(config)
         self.pred_stride = self.decoder.pred_stride
+        _check_prediction_grid(config, self.pred_stride)
         self._init_weights()
         self.fused = fused
 

@@ -114,14 +114,20 @@ def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     """The official ``Hiera``/``MaskedAutoencoderHiera`` constructor arguments (hub-mixin ``config.json``)."""
     stages = tuple(cfg.get("stages", (2, 3, 16, 3)))
     heads, head_mul = [cfg.get("num_heads", 1)], cfg.get("head_mul", 2.0)
+    dims, dim_mul = [cfg.get("embed_dim", 96)], cfg.get("dim_mul", 2.0)
     for _ in stages[1:]:  # the official model rounds at every stage: int(int(h * m) * m), not int(h * m**2)
         heads.append(int(heads[-1] * head_mul))
+        dims.append(int(dims[-1] * dim_mul))
+    # it reads mask_unit_attn[stage] and pools after at most len(stages) - 1 stages: a 3-stage model takes the
+    # first 3 of the default 4 flags, and q_pool=3 pools twice
+    mask_unit_attn = tuple(cfg.get("mask_unit_attn", (True, True, False, False)))[: len(stages)]
+    q_pool = min(cfg.get("q_pool", 3), len(stages) - 1)
     kwargs = dict(
         embed_dim=cfg.get("embed_dim", 96), image_size=cfg.get("input_size", (224, 224)),
         num_channels=cfg.get("in_chans", 3), num_labels=cfg.get("num_classes", 1000), depths=stages,
-        num_heads=tuple(heads), num_query_pool=cfg.get("q_pool", 3),
+        num_heads=tuple(heads), num_query_pool=q_pool,
         query_stride=cfg.get("q_stride", (2, 2)), masked_unit_size=cfg.get("mask_unit_size", (8, 8)),
-        masked_unit_attention=cfg.get("mask_unit_attn", (True, True, False, False)),
+        masked_unit_attention=mask_unit_attn,
         embed_dim_multiplier=cfg.get("dim_mul", 2.0), patch_size=cfg.get("patch_kernel", (7, 7)),
         patch_stride=cfg.get("patch_stride", (4, 4)), patch_padding=cfg.get("patch_padding", (3, 3)),
         mlp_ratio=cfg.get("mlp_ratio", 4.0), drop_path_rate=cfg.get("drop_path_rate", 0.0),
@@ -130,7 +136,12 @@ def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     if "decoder_embed_dim" in cfg or "decoder_depth" in cfg:
         kwargs.update(decoder_hidden_size=cfg.get("decoder_embed_dim", 512), decoder_depth=cfg.get("decoder_depth", 8),
                       decoder_num_heads=cfg.get("decoder_num_heads", 16))
-    return HieraConfig(**kwargs)
+    config = HieraConfig(**kwargs)
+    if config.stage_dims != dims:
+        raise ValueError(f"the official model's stage widths {dims} (embed_dim {dims[0]}, dim_mul {dim_mul}, rounded "
+                         f"at every stage) differ from HieraConfig's {config.stage_dims} (embed_dim * dim_mul**stage, "
+                         "as transformers computes them): this dim_mul is not supported")
+    return config
 
 
 def config_from_json(raw: dict[str, Any]) -> HieraConfig:

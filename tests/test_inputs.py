@@ -131,6 +131,24 @@ def test_mae_runs_only_at_its_size(mae):
     assert "interpolate_pos_encoding" not in str(err.value)  # HieraForPreTraining has no such argument
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(query_stride=(2, 1), masked_unit_size=(8, 1)),  # 16 predictions vs 64 label patches: a wrong loss before
+    dict(patch_stride=(4, 2), patch_padding=(3, 3), image_size=(64, 32)),
+])
+def test_mae_prediction_grid_must_be_the_label_grid(overrides):
+    """The MAE predicts one pred_stride-sized patch per final token; where that grid is not the label grid, the loss
+    compared predictions with other tokens' pixels (the official model raises an IndexError)."""
+    with pytest.raises(ValueError, match="final token grid"):
+        H.HieraForPreTraining(tiny_mae_config(**overrides))
+
+
+def test_mae_video_with_a_temporal_query_stride_is_refused():
+    with pytest.raises(ValueError, match="query_stride 1 in time"):
+        H.HieraForPreTraining(tiny_video_config(image_size=(16, 64, 64), query_stride=(2, 2, 2),
+                                                masked_unit_size=(8, 8, 8), num_query_pool=2, decoder_hidden_size=16,
+                                                decoder_depth=1, decoder_num_heads=2))
+
+
 def test_mae_needs_a_masked_unit():
     with pytest.raises(ValueError, match="mask_ratio"):
         H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.0))

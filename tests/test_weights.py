@@ -249,3 +249,35 @@ def test_timm_features_only_state_dict(tmp_path):
     config = H.HieraConfig.from_preset("hiera_tiny_224", image_size=(64, 64))
     model = H.HieraModel.from_pretrained(tmp_path / "feat.pth", config=config)
     assert torch.equal(model.embeddings.position_embeddings, net.state_dict()["model.pos_embed"])
+
+
+def test_official_three_stage_model_with_default_flags(tmp_path):
+    """An official 3-stage model built with the default ``mask_unit_attn`` (4 flags) reads the first 3: its hub-mixin
+    config.json (without them) loads (it was a ValueError about a field the user never set), and the outputs
+    match."""
+    hiera = pytest.importorskip("hiera")
+    args = dict(input_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 1), q_pool=2, mask_unit_size=(4, 4),
+                num_classes=5)
+    theirs = randomize_(hiera.Hiera(**args), std=0.1).eval()
+    torch.save(theirs.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps(args))
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.masked_unit_attention == (True, True, False) and ours.config.num_query_pool == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = torch.log(theirs(x))
+        got = torch.log_softmax(ours(x).logits, -1)
+    assert max_abs(got, ref) <= 1e-4 * ref.abs().max().item()
+
+
+def test_official_dim_mul_that_rounds_differently_is_a_clear_error():
+    """The official model rounds the width at every stage (14 * 1.5 -> 21 -> 31 -> 46), HieraConfig as transformers
+    does (14 * 1.5**3 -> 47): such a config is refused by name, not by a list of mismatched shapes."""
+    from hiera_fast.weights import official_config_to_hiera_config
+
+    with pytest.raises(ValueError, match="dim_mul 1.5.*not supported"):
+        official_config_to_hiera_config(dict(embed_dim=14, num_heads=1, head_mul=1.0, dim_mul=1.5,
+                                             stages=(1, 1, 1, 1), input_size=(64, 64)))
+    exact = official_config_to_hiera_config(dict(embed_dim=16, dim_mul=1.5, head_mul=1.0, stages=(1, 1, 1, 1),
+                                                 num_heads=1, input_size=(64, 64)))
+    assert exact.stage_dims == [16, 24, 36, 54]
