@@ -123,7 +123,7 @@ def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     mask_unit_attn = tuple(cfg.get("mask_unit_attn", (True, True, False, False)))[: len(stages)]
     q_pool = min(cfg.get("q_pool", 3), len(stages) - 1)
     kwargs = dict(
-        embed_dim=cfg.get("embed_dim", 96), image_size=cfg.get("input_size", (224, 224)),
+        embed_dim=dims[0], image_size=cfg.get("input_size", (224, 224)),
         num_channels=cfg.get("in_chans", 3), num_labels=cfg.get("num_classes", 1000), depths=stages,
         num_heads=tuple(heads), num_query_pool=q_pool,
         query_stride=cfg.get("q_stride", (2, 2)), masked_unit_size=cfg.get("mask_unit_size", (8, 8)),
@@ -300,10 +300,11 @@ class PretrainedMixin:
 
         os.makedirs(directory, exist_ok=True)
         extra = {**self.config.extra, "architectures": [type(self).__name__]}
-        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
-        for key in ("dtype", "torch_dtype"):  # the weights' dtype, not the one of the checkpoint this was loaded from
-            if key in extra or key == "dtype" and dtype is not None:
-                extra[key] = str(dtype).removeprefix("torch.")
+        dtype = next((str(p.dtype).removeprefix("torch.") for p in self.parameters() if p.is_floating_point()), None)
+        if dtype is not None:  # the weights' dtype, not the one of the checkpoint this model was loaded from
+            extra["dtype"] = dtype
+            if "torch_dtype" in extra:  # transformers 4.x's name
+                extra["torch_dtype"] = dtype
         self.config.extra = extra
         self.config.save_pretrained(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
