@@ -14,8 +14,13 @@ KW = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], image_size=
           decoder_depth=2, decoder_num_heads=2, num_labels=5)
 
 
+def _theirs(tcls, **overrides):
+    """A transformers model of ``KW`` (``overrides`` replace entries), random weights, in eval mode."""
+    return randomize_(tcls(transformers.HieraConfig(**{**KW, **overrides})), std=0.1).eval()
+
+
 def _pair(tcls, hcls, tmp_path, **overrides):
-    theirs = randomize_(tcls(transformers.HieraConfig(**{**KW, **overrides})), std=0.1).eval()
+    theirs = _theirs(tcls, **overrides)
     theirs.save_pretrained(tmp_path)
     ours = hcls.from_pretrained(tmp_path).eval()
     return theirs, ours
@@ -94,3 +99,57 @@ def test_interpolate_pos_encoding_matches_transformers(tmp_path):
         b = ours(x, interpolate_pos_encoding=True)
     assert a.last_hidden_state.shape == b.last_hidden_state.shape
     assert max_abs(a.last_hidden_state, b.last_hidden_state) <= 1e-4
+
+
+def test_transformers_default_two_labels(tmp_path):
+    """transformers writes no num_labels / id2label for its default of 2 labels: that is 2 here too (it was 1000, a
+    fresh head replacing the checkpoint's)."""
+    config = transformers.HieraConfig(**{k: v for k, v in KW.items() if k != "num_labels"})  # its default: 2
+    theirs = randomize_(transformers.HieraForImageClassification(config), std=0.1).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.num_labels == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("problem_type, labels", [
+    ("regression", torch.randn(2, 3)), ("multi_label_classification", torch.randint(0, 2, (2, 3)).float()),
+    ("single_label_classification", torch.tensor([0, 2])), (None, torch.tensor([1, 2])),
+])
+def test_problem_type_picks_transformers_loss(tmp_path, problem_type, labels):
+    """config.json's problem_type picks the loss as in transformers (float targets with regression: MSE, not the
+    BCE that the labels' dtype alone would pick)."""
+    theirs = _theirs(transformers.HieraForImageClassification, num_labels=3, problem_type=problem_type)
+    theirs.save_pretrained(tmp_path)
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    assert ours.config.problem_type == problem_type
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x, labels=labels).loss
+        assert abs(ours(x, labels=labels).loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_sharded_transformers_checkpoint(tmp_path):
+    """``save_pretrained(max_shard_size=...)`` writes shards and an index: all shards load (no weights were found)."""
+    theirs = _theirs(transformers.HieraForImageClassification)
+    theirs.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = theirs(x).logits
+        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
+
+
+def test_save_writes_the_weights_dtype(tmp_path):
+    """A model loaded from an fp16 checkpoint and saved in fp32 says float32 in its config.json (the source's float16
+    stayed, and transformers then loaded the fp32 weights in fp16)."""
+    theirs = _theirs(transformers.HieraForImageClassification)
+    theirs.half().save_pretrained(tmp_path / "fp16")
+    ours = H.HieraForImageClassification.from_pretrained(tmp_path / "fp16")
+    ours.save_pretrained(tmp_path / "ours")
+    again = transformers.HieraForImageClassification.from_pretrained(tmp_path / "ours")
+    assert again.dtype == torch.float32

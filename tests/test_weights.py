@@ -126,69 +126,11 @@ def test_missing_path_is_a_clear_error(path):
 
 
 # ---------------------------------------------------------------------------------------------- other libraries' saves
-def _transformers_classifier(**overrides):
-    transformers = pytest.importorskip("transformers")
-    kwargs = dict(image_size=[64, 64], embed_dim=16, num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1], **overrides)
-    return transformers, randomize_(transformers.HieraForImageClassification(transformers.HieraConfig(**kwargs)),
-                                    std=0.1).eval()
-
-
-def test_transformers_default_two_labels(tmp_path):
-    """transformers writes no num_labels / id2label for its default of 2 labels: that is 2 here too (it was 1000, a
-    fresh head replacing the checkpoint's)."""
-    _, theirs = _transformers_classifier()
-    theirs.save_pretrained(tmp_path)
-    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
-    assert ours.config.num_labels == 2
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = theirs(x).logits
-        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
-
-
-@pytest.mark.parametrize("problem_type, labels", [
-    ("regression", torch.randn(2, 3)), ("multi_label_classification", torch.randint(0, 2, (2, 3)).float()),
-    ("single_label_classification", torch.tensor([0, 2])), (None, torch.tensor([1, 2])),
-])
-def test_problem_type_picks_transformers_loss(tmp_path, problem_type, labels):
-    """config.json's problem_type picks the loss as in transformers (float targets with regression: MSE, not the
-    BCE that the labels' dtype alone would pick)."""
-    _, theirs = _transformers_classifier(num_labels=3, problem_type=problem_type)
-    theirs.save_pretrained(tmp_path)
-    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
-    assert ours.config.problem_type == problem_type
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = theirs(x, labels=labels).loss
-        assert abs(ours(x, labels=labels).loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 
 def test_bad_problem_type_names_the_field():
     with pytest.raises(ValueError, match="problem_type"):
         tiny_image_config(problem_type="classification")
-
-
-def test_sharded_transformers_checkpoint(tmp_path):
-    """``save_pretrained(max_shard_size=...)`` writes shards and an index: all shards load (no weights were found)."""
-    _, theirs = _transformers_classifier(num_labels=5)
-    theirs.save_pretrained(tmp_path, max_shard_size="100KB")
-    assert (tmp_path / "model.safetensors.index.json").is_file()
-    ours = H.HieraForImageClassification.from_pretrained(tmp_path).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = theirs(x).logits
-        assert max_abs(ours(x).logits, ref) <= 1e-5 * ref.abs().max().item()
-
-
-def test_save_writes_the_weights_dtype(tmp_path):
-    """A model loaded from an fp16 checkpoint and saved in fp32 says float32 in its config.json (the source's float16
-    stayed, and transformers then loaded the fp32 weights in fp16)."""
-    transformers, theirs = _transformers_classifier(num_labels=5)
-    theirs.half().save_pretrained(tmp_path / "fp16")
-    ours = H.HieraForImageClassification.from_pretrained(tmp_path / "fp16")
-    ours.save_pretrained(tmp_path / "ours")
-    again = transformers.HieraForImageClassification.from_pretrained(tmp_path / "ours")
-    assert again.dtype == torch.float32
 
 
 def test_masked_unit_attention_switched_back_on_warns():
