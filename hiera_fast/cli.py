@@ -327,6 +327,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{PROG} check: fused=True (Triton) vs the eager reference, output and every parameter gradient, "
           f"on {device_name(device)}")
     print(f"backend: {backend} ({reason})")
+    if backend == "eager":
+        print(f"FAIL: nothing to check, fused=True runs the eager path on {device_name(device)}: {reason}")
+        return 1
     if device.type == "cpu":
         print("note: no CUDA device, so TRITON_INTERPRET=1 is set and Triton's interpreter runs the kernels"
               + ("" if full else f"; models are scaled down ({'x'.join(map(str, _CPU_SCALE['image']))} images, "

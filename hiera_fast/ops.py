@@ -33,6 +33,7 @@ import functools
 import importlib
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -106,6 +107,9 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
         return "triton", "CUDA tensor: the Triton kernels run on the GPU"
     if device.type == "cpu":
         if interpreted:
+            too_old = _interpreter_limit()
+            if too_old:
+                return "eager", too_old
             return "triton-interpreter", "CPU tensor and TRITON_INTERPRET=1: Triton's interpreter runs the kernels"
         when = "was set after" if _interpreter_on() else "was not set when"
         return "eager", (f"CPU tensor: the Triton kernels need CUDA, or Triton's interpreter, and TRITON_INTERPRET=1 "
@@ -114,6 +118,23 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
 
 
 MIN_CUDA_CAPABILITY = (8, 0)
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _interpreter_limit() -> str | None:
+    """Why Triton's interpreter cannot run the kernels (a Triton older than :data:`MIN_INTERPRETER_TRITON`), or None.
+
+    Triton 3.6's interpreter fails on loops whose bounds the kernel computes ("only 0-dimensional arrays can be
+    converted to Python scalars"); 3.7.1 and 3.8 run the test suite's kernel cases. Compiled for a GPU, older
+    Tritons build the kernels fine: this is about the CPU interpreter only."""
+    import triton
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version >= MIN_INTERPRETER_TRITON:
+        return None
+    need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+    return (f"Triton {triton.__version__}'s interpreter cannot run the kernels (loops with computed bounds); it "
+            f"needs triton >= {need} (on a CUDA GPU this Triton is fine)")
 
 
 def _cuda_capability_limit(device: torch.device) -> str | None:

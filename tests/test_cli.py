@@ -64,6 +64,17 @@ def test_check_fails_when_fused_falls_back(monkeypatch, capsys):
     assert "did not run for every block" in out and "FAIL" in out
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU interpreter's version limit")
+def test_check_stops_with_the_reason_when_the_kernels_cannot_run(monkeypatch, capsys):
+    """An interpreter too old for the kernels: ``check`` says why at once and exits 1, not an InterpreterError."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    code = cli.main(["check", "--heads", "cls", "--batch", "1", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "backend: eager" in out and "FAIL: nothing to check" in out and "triton >= 3.7" in out
+
+
 def test_judge_rule():
     base = {"dtype": torch.float32, "eager_out": 1e-6, "fused_out": 1e-6,
             "eager_grads": {"w": 1e-6}, "fused_grads": {"w": 1e-6}, "fallbacks": [],

@@ -237,6 +237,23 @@ def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
         ops._backend_for.cache_clear()  # the monkeypatched answers must not outlive the test
 
 
+@pytest.mark.parametrize("version, runs", [("3.6.0", False), ("3.5.1", False), ("3.7.1", True), ("3.8.0", True),
+                                            ("3.10.0+git1234", True), ("4.0.0", True)])
+def test_interpreter_needs_triton_3_7(monkeypatch, version, runs):
+    """Triton 3.6's interpreter fails inside the kernels (a TypeError from loops with computed bounds): with an older
+    Triton the CPU gets the eager path and a reason naming the version, not an InterpreterError. CUDA is unaffected."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(ops, "kernels_interpreted", lambda: True)
+    if ops._kernel_modules() is None:
+        pytest.skip("hiera_fast.kernels is not importable here")
+    backend, reason = ops.fused_backend("cpu")
+    if runs:
+        assert backend == "triton-interpreter"
+    else:
+        assert backend == "eager" and version in reason and ">= 3.7" in reason
+
+
 def test_fused_backend_for_cuda_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)
