@@ -130,7 +130,8 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
             do_bench: bool = False, grad_to_none: Sequence[torch.Tensor] | None = None,
             memory: bool = True, graph: str | None = None) -> float:
     """Run ``fn`` under ``benchmark.pedantic`` (each round synchronized) and return the median ms: of those rounds, or
-    of ``triton.testing.do_bench`` when ``do_bench`` and on CUDA. Records ``median_ms``, ``timer`` and
+    of ``triton.testing.do_bench`` when ``do_bench`` and on CUDA (then ``rounds`` is one: do_bench warms up and times
+    on its own). Records ``median_ms``, ``timer``, ``min_ms`` (of the rounds, when they give the median) and
     ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``.
 
     With a ``graph`` key (e.g. the implementation's name) on CUDA also records ``graph_ms``: the GPU time alone
@@ -139,6 +140,9 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     ends (torch frees a graph's pool only after a finished capture), so after one failure the key's later cases
     skip the capture and say so."""
     times: list[float] = []
+    use_do_bench = do_bench and device.type == "cuda"
+    if use_do_bench:  # do_bench warms up and times on its own: one pedantic round (pytest-benchmark needs a run)
+        rounds, warmup_rounds = 1, 1
 
     def target():
         for t in grad_to_none or ():
@@ -148,20 +152,16 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
         bench.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
 
-    try:
-        benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    except KeyboardInterrupt:  # a step's time limit (gpu_session.sh): a row with no data would make pytest-benchmark
-        benchmark.has_error = True  # fail writing the JSON of every finished case (KeyboardInterrupt skips has_error)
-        raise
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     timed = times[-rounds:]
-    if do_bench and device.type == "cuda":
+    if use_do_bench:
         median = bench.time_ms(fn, device, grad_to_none=grad_to_none)
         benchmark.extra_info["timer"] = "triton.testing.do_bench median"
     else:
         median = statistics.median(timed)
         benchmark.extra_info["timer"] = f"median of {len(timed)} synchronized rounds"
+        benchmark.extra_info["min_ms"] = min(timed)
     benchmark.extra_info["median_ms"] = median
-    benchmark.extra_info["min_ms"] = min(timed)
     if memory:
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)
     if graph and device.type == "cuda":

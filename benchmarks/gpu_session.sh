@@ -16,7 +16,9 @@
 # left. Writes at most 8 files into OUT_DIR (the device tool brings back 8): session.log (every step's output, with its
 # exit code and seconds), ops.json, train.json, models.json (pytest-benchmark) and ops.md, train.md, models.md
 # (python -m benchmarks.report). Each step has its own time limit; a step that overruns is interrupted with SIGINT,
-# so pytest still writes the JSON of what it measured, and the next step runs. Exit code: the number of failed steps.
+# so pytest still writes the JSON of what it measured, and the next step runs. Exit code: the number of failed steps;
+# 100 + that when the session stopped early (the install failed, or fused=True would not reach the Triton kernels
+# on CUDA, as the fused-backend step shows: then no measurement would mean anything).
 #
 # Peers that are not in the GPU image (hiera-transformer for `official`, hiera-optim; both pure Python, their needs
 # are in the image) travel as wheels in .whl/ (ignored by git): when .whl/ holds wheels they are installed into
@@ -46,13 +48,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the
     if [ "$limit" -lt 15 ]; then
         echo "=== $name: skipped, the time budget is spent" | tee -a "$log"
         failed=$((failed + 1))
-        return
+        return 1
     fi
     echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
     timeout --signal=INT --kill-after=30 "$limit" "$@" >>"$log" 2>&1
     rc=$?
     echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$log"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
+    return "$rc"
+}
+
+stop() {  # stop WHY: end the session now (no measured step would mean anything), exit code 100 + failed steps
+    echo "=== stopping: $1" | tee -a "$log"
+    exit $((100 + failed))
 }
 
 export PYTHONUNBUFFERED=1
@@ -63,9 +71,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # always (a few seconds): from the repository root `import hiera_fast` finds the source folder even when the package
 # is not installed, but `hiera_fast.kernels` (kernels/) only exists for an installed one
-step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e .
+step install 180 "$python" -m pip install -q --no-deps --no-build-isolation -e . ||
+    stop "the install failed, so hiera_fast.kernels cannot be imported"
 step info 60 "$python" -m hiera_fast info
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
+# on a GPU machine, every fused case needs the Triton kernels on CUDA: without them each would skip, and the session
+# would spend its minutes on baselines alone
+if [ "${SMOKE:-0}" = "0" ]; then
+    step fused-backend 60 "$python" -c "from hiera_fast import ops; backend, why = ops.fused_backend('cuda'); \
+print('fused=True on cuda:', backend, '-', why); raise SystemExit(backend != 'triton')" ||
+        stop "fused=True would not run the Triton kernels on this machine (see fused-backend above)"
+fi
 
 # most important first; RESERVE keeps time for the reports at the end. The step limits (120 + 200 + 100 + 60 s) add
 # up to the budget left after the setup steps (~15 s) and RESERVE, so the last step is not starved. Inside each step

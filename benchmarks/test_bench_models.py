@@ -16,7 +16,10 @@ from hiera_fast import bench
 SIZES = ("tiny", "small", "base", "base_plus", "large", "huge")
 BATCHES = (64, 256)
 VIDEO = (("hiera_base_16x224", 8),)
-IMPLS = bench.MODEL_IMPLS + bench.PEER_IMPLS
+# baselines first, compiled variants last: a session's time limit cuts the end of the list, and a row without its
+# baseline has no ratio (the same order as test_bench_train.py)
+IMPLS = ("eager", "official", "fused", "hiera-optim", "transformers", "timm", "fused+cudagraphs", "fused+compile")
+assert sorted(IMPLS) == sorted(bench.MODEL_IMPLS + bench.PEER_IMPLS)
 
 
 def _cases(smoke: bool) -> list:

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import platform
+import re
 import statistics
 import time
 import warnings
@@ -212,9 +213,9 @@ def batch_past_l2(geometry: AttentionGeometry, base: int, dtype: torch.dtype, ca
 
 def peak_bandwidth(device: torch.device | str) -> float:
     """Bytes/s to compare a kernel with: the measured copy bandwidth of this GPU model (H200 4.3 TB/s, H100 3.0 TB/s),
-    the H100's for any other device."""
+    the H100's for any other device. The model is matched as a word: a GH200 is not an H200."""
     name = device_name(device)
-    return next((bw for key, bw in MEASURED_COPY_BANDWIDTH.items() if key in name), PEAK_BANDWIDTH)
+    return next((bw for key, bw in MEASURED_COPY_BANDWIDTH.items() if re.search(rf"\b{key}\b", name)), PEAK_BANDWIDTH)
 
 
 def bandwidth(bytes_moved: float, ms: float, peak: float = PEAK_BANDWIDTH) -> dict:
@@ -544,9 +545,14 @@ def train_step(variant: Variant, x: torch.Tensor, dtype: torch.dtype) -> Callabl
 
 
 def free_memory() -> None:
-    """Collect garbage and give cached CUDA memory back (call after dropping a variant)."""
+    """Drop compiled graphs, collect garbage and give cached CUDA memory back (call after dropping a variant).
+
+    ``torch._dynamo.reset()`` comes first: dynamo's cache keeps a compiled model's graphs alive after the model is
+    dropped, and with them a ``mode="reduce-overhead"`` model's CUDA-graph trees and memory pool, which
+    ``empty_cache`` cannot free (the next variant would run, and have its peak memory read, beside them)."""
     import gc
 
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -3,7 +3,12 @@ step marker before every call (without it a CUDA-graph replay may overwrite the 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +45,8 @@ def test_every_model_impl_builds_or_says_why():
         bench.build_variant("hiera_tiny_224", "fused+jit", "cpu")
 
 
-@pytest.mark.parametrize("name, tbps", [("NVIDIA H200", 4.3), ("NVIDIA H100 80GB HBM3", 3.0), ("NVIDIA A100", 3.0)])
+@pytest.mark.parametrize("name, tbps", [("NVIDIA H200", 4.3), ("NVIDIA H100 80GB HBM3", 3.0), ("NVIDIA A100", 3.0),
+                                        ("NVIDIA GH200 480GB", 3.0)])
 def test_peak_bandwidth_follows_the_gpu(monkeypatch, name, tbps):
     """% of peak is against the GPU that ran (an H200 has ~1.4x an H100's bandwidth), H100's for unknown ones."""
     monkeypatch.setattr(bench, "device_name", lambda device: name)
@@ -49,21 +55,45 @@ def test_peak_bandwidth_follows_the_gpu(monkeypatch, name, tbps):
     assert row["pct_of_peak"] == pytest.approx(50.0) and row["peak_tbps"] == tbps
 
 
-def test_interrupted_measurement_marks_the_row_failed():
-    """SIGINT (a step's time limit) inside pytest-benchmark's timing loop leaves a row without data, which made it fail
-    writing the whole JSON; the row is marked as an error so only the finished rows are written."""
-    from benchmarks.common import measure
+_INTERRUPTED_SUITE = """
+def test_finished(benchmark):
+    benchmark.pedantic(lambda: None, rounds=2)
+    benchmark.extra_info["median_ms"] = 1.0
 
-    class InterruptedBenchmark:
-        has_error, extra_info = False, {}
 
-        def pedantic(self, *args, **kwargs):
-            raise KeyboardInterrupt
+def test_cut_after_timing(benchmark):  # SIGINT after pytest-benchmark's rounds: a half-filled row
+    benchmark.pedantic(lambda: None, rounds=2)
+    benchmark.extra_info["median_ms"] = 2.0
+    raise KeyboardInterrupt
 
-    benchmark = InterruptedBenchmark()
-    with pytest.raises(KeyboardInterrupt):
-        measure(benchmark, lambda: None, torch.device("cpu"), rounds=1)
-    assert benchmark.has_error
+
+def test_never_reached(benchmark):
+    benchmark.pedantic(lambda: None, rounds=1)
+"""
+
+
+@pytest.mark.parametrize("cut_inside_pedantic", [False, True])
+def test_interrupted_case_is_left_out_of_the_json(tmp_path, cut_inside_pedantic):
+    """gpu_session.sh cuts a step with SIGINT (a KeyboardInterrupt in the running case). The finished rows must still
+    be written, and the interrupted one left out: cut after pytest-benchmark's rounds it would be saved with half its
+    numbers (reported under the wrong timer); cut inside them it has no data and pytest-benchmark failed to write
+    the JSON at all. Runs benchmarks/conftest.py's hook in a real pytest session."""
+    suite = _INTERRUPTED_SUITE
+    if cut_inside_pedantic:
+        suite = suite.replace("benchmark.pedantic(lambda: None, rounds=2)\n    benchmark.extra_info[\"median_ms\"] = 2.0",
+                              "benchmark.pedantic(_interrupt, rounds=2)") + (
+            "\n\ndef _interrupt():\n    raise KeyboardInterrupt\n")
+    (tmp_path / "test_cut.py").write_text(suite)
+    out = tmp_path / "rows.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "test_cut.py"), "-p", "benchmarks.conftest",
+                           "-p", "no:cacheprovider", "-q", f"--benchmark-json={out}", "--rootdir", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "KeyboardInterrupt" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert out.exists(), proc.stdout + proc.stderr
+    names = [row["name"] for row in json.loads(out.read_text())["benchmarks"]]
+    assert names == ["test_finished"]
 
 
 @pytest.mark.parametrize("impl, fails", [("fused+cudagraphs", True), ("fused+compile", False), ("eager", False)])
@@ -135,3 +165,55 @@ def test_graph_timing_records_the_root_cause_and_stops_after_a_failed_capture(mo
     assert rows[2]["graph_error"].startswith("not captured: an earlier official-5d fwd case failed (ValueError")
     assert rows[3]["graph_ms"] == 0.25
     assert captures == [capturable, failing, capturable]  # the third case did not try to capture
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels reach CUDA here: nothing stops the session")
+@pytest.mark.parametrize("install_ok", [True, False])
+def test_gpu_session_stops_when_the_fused_kernels_cannot_run(tmp_path, install_ok):
+    """benchmarks/gpu_session.sh on a machine where fused=True would not reach the Triton kernels on CUDA (here: no
+    CUDA), or where the install failed, stops before the measured steps instead of spending the device's minutes on
+    cases that all skip. ``pip`` is stubbed (the package is installed already); everything else runs for real."""
+    root = Path(__file__).resolve().parents[1]
+    python = tmp_path / "python"
+    fail_install = "" if install_ok else '*" -e ."*) exit 1 ;; '  # the project's install fails, the peers' wheels not
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then case "$*" in {fail_install}*) exit 0 ;; esac; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SMOKE", "STEPS")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=240, env={**env, "PYTHON": str(python), "BUDGET": "200"})
+    log = (out / "session.log").read_text()
+    assert proc.returncode == 101, proc.stdout + proc.stderr
+    if install_ok:
+        assert "fused=True on cuda: eager" in log and "=== stopping: fused=True would not run" in log
+    else:
+        assert "=== stopping: the install failed" in log and "fused-backend" not in log
+    assert "gpu-tests" not in log and sorted(p.name for p in out.iterdir()) == ["session.log"]
+
+
+def test_do_bench_rows_run_one_pedantic_round_and_report_one_timer(monkeypatch):
+    """On CUDA an op row's time is do_bench's: pytest-benchmark's rounds there were thrown away (10 more runs per case
+    in a time-limited session), and their minimum was recorded next to do_bench's median as if one timer gave both."""
+    from benchmarks.common import measure
+
+    class FakeBenchmark:
+        def __init__(self):
+            self.extra_info, self.calls = {}, []
+
+        def pedantic(self, target, rounds, warmup_rounds, iterations):
+            self.calls.append((rounds, warmup_rounds))
+            for _ in range(rounds + warmup_rounds):
+                target()
+
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, grad_to_none=None: 0.25)
+    row = FakeBenchmark()
+    assert measure(row, lambda: None, torch.device("cuda"), rounds=10, warmup_rounds=2, do_bench=True,
+                   memory=False) == 0.25
+    assert row.calls == [(1, 1)] and "min_ms" not in row.extra_info
+    assert row.extra_info["median_ms"] == 0.25 and row.extra_info["timer"] == "triton.testing.do_bench median"
+    cpu_row = FakeBenchmark()
+    measure(cpu_row, lambda: None, torch.device("cpu"), rounds=3, warmup_rounds=1, do_bench=True, memory=False)
+    assert cpu_row.calls == [(3, 1)] and cpu_row.extra_info["min_ms"] <= cpu_row.extra_info["median_ms"]
+    assert cpu_row.extra_info["timer"] == "median of 3 synchronized rounds"
