@@ -90,7 +90,8 @@ def kernels_interpreted() -> bool | None:
 def fused_backend(device: torch.device | str) -> tuple[str, str]:
     """``(backend, reason)`` that ``fused=True`` uses for tensors on ``device``: "triton", "triton-interpreter" or
     "eager". Imports the kernels if they are not imported yet (with the current ``TRITON_INTERPRET``). A CUDA GPU
-    needs compute capability :data:`MIN_CUDA_CAPABILITY` (8.0, Ampere) or newer; older ones get "eager"."""
+    needs compute capability :data:`MIN_CUDA_CAPABILITY` (8.0, Ampere) or newer and Triton :data:`MIN_TRITON` or
+    newer, the CPU's interpreter Triton :data:`MIN_INTERPRETER_TRITON`; short of those the device gets "eager"."""
     device = torch.device(device)
     if _kernel_modules() is None:
         return "eager", "Triton (or the hiera_fast.kernels modules) could not be imported"
@@ -101,7 +102,7 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
                              "launch them on CUDA: unset it before hiera_fast's kernels are imported")
         if not torch.cuda.is_available():
             return "eager", "no CUDA device is available"
-        too_old = _cuda_capability_limit(device)
+        too_old = _cuda_capability_limit(device) or _compiler_limit()
         if too_old:
             return "eager", too_old
         return "triton", "CUDA tensor: the Triton kernels run on the GPU"
@@ -118,23 +119,49 @@ def fused_backend(device: torch.device | str) -> tuple[str, str]:
 
 
 MIN_CUDA_CAPABILITY = (8, 0)
+MIN_TRITON = (3, 3)
+MIN_FP64_TRITON = (3, 5)  # float64 tl.dot: 3.3 and 3.4 fail to compile the attention kernels in fp64
 MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _triton_too_old(minimum: tuple[int, int]) -> str | None:
+    """The installed Triton's version string when it is older than ``minimum`` (major, minor), else None (also when
+    Triton is not installed: the callers' other checks cover that)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return triton.__version__ if version < minimum else None
+
+
+def _compiler_limit() -> str | None:
+    """Why this Triton cannot build the kernels for a GPU (older than :data:`MIN_TRITON`), or None.
+
+    The compile lane's tooling, run with each Triton on 2026-11-27: 3.5.1 through 3.8 build every variant for
+    sm_80 and sm_90; 3.3.1 and 3.4.0 every fp16/bf16/fp32 variant, not fp64 ("Unsupported lhs dtype fp64" in
+    ``tl.dot``: :data:`MIN_FP64_TRITON`); 3.1 aborts the process inside its compiler on the forward kernel (an
+    assertion in its layout conversion) and fails the bfloat16 backward. Triton 3.2 was not checked."""
+    old = _triton_too_old(MIN_TRITON)
+    if old is None:
+        return None
+    return (f"Triton {old} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest that builds the kernels "
+            f"(older ones fail or abort inside their compiler); upgrade triton (and torch) to use them")
 
 
 def _interpreter_limit() -> str | None:
     """Why Triton's interpreter cannot run the kernels (a Triton older than :data:`MIN_INTERPRETER_TRITON`), or None.
 
     Triton 3.6's interpreter fails on loops whose bounds the kernel computes ("only 0-dimensional arrays can be
-    converted to Python scalars"); 3.7.1 and 3.8 run the test suite's kernel cases. Compiled for a GPU, older
-    Tritons build the kernels fine: this is about the CPU interpreter only."""
-    import triton
-
-    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if version >= MIN_INTERPRETER_TRITON:
+    converted to Python scalars"); 3.7.1 and 3.8 run the test suite's kernel cases. Compiled for a GPU, Triton
+    :data:`MIN_TRITON` and newer build the kernels: this is about the CPU interpreter only."""
+    old = _triton_too_old(MIN_INTERPRETER_TRITON)
+    if old is None:
         return None
     need = ".".join(map(str, MIN_INTERPRETER_TRITON))
-    return (f"Triton {triton.__version__}'s interpreter cannot run the kernels (loops with computed bounds); it "
-            f"needs triton >= {need} (on a CUDA GPU this Triton is fine)")
+    return (f"Triton {old}'s interpreter cannot run the kernels (loops with computed bounds); it needs "
+            f"triton >= {need} (compiled for a CUDA GPU, triton >= {'.'.join(map(str, MIN_TRITON))} is fine)")
 
 
 def _cuda_capability_limit(device: torch.device) -> str | None:
@@ -323,7 +350,8 @@ def _attention_forward_impl(qkv: torch.Tensor, num_heads: int, q_stride: int, nu
     """Returns ``(out [B, N // q_stride, C], lse)``.
 
     With ``with_lse`` (training) ``lse`` is ``[B, heads, N // q_stride]`` float32 (float64 for float64 qkv) for the
-    backward kernel; the eager backend leaves it unfilled (its backward recomputes instead). Without it (inference)
+    backward kernel; the eager backend fills it with zeros (its backward recomputes instead; zeros, not uninitialised
+    memory, so the op's outputs are deterministic, as ``opcheck`` and compiled graphs expect). Without it (inference)
     ``lse`` is empty. The shapes never depend on the backend, so a compiled graph (and inductor's on-disk cache)
     stays valid whichever backend runs it."""
     if _use_triton(qkv.device, "mask_unit_attention", _attention_input_limit(qkv, num_heads, num_windows)):
@@ -332,11 +360,23 @@ def _attention_forward_impl(qkv: torch.Tensor, num_heads: int, q_stride: int, nu
         return result if with_lse else (result, _lse_like(qkv, num_heads, q_stride, False))
     with _no_autocast(qkv.device):
         out = reference.mask_unit_attention_eager(qkv, num_heads, q_stride, num_windows)
-    return out, _lse_like(qkv, num_heads, q_stride, with_lse)
+    return out, _lse_like(qkv, num_heads, q_stride, with_lse).zero_()
 
 
 _attention_fwd = torch.library.custom_op("hiera_fast::mask_unit_attention_fwd", mutates_args=())(
     _attention_forward_impl)
+
+
+def _float64_dot_limit(dtype: torch.dtype, device_type: str) -> str | None:
+    """Why the attention kernels cannot take float64 here (CUDA with a Triton older than :data:`MIN_FP64_TRITON`),
+    or None. The interpreter runs float64 with any Triton it runs at all."""
+    if dtype != torch.float64 or device_type != "cuda":
+        return None
+    old = _triton_too_old(MIN_FP64_TRITON)
+    if old is None:
+        return None
+    return (f"float64 on CUDA needs triton >= {'.'.join(map(str, MIN_FP64_TRITON))} (Triton {old} cannot compile the "
+            f"attention kernels' float64 dot)")
 
 
 def _attention_input_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) -> str | None:
@@ -344,7 +384,7 @@ def _attention_input_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) 
     if num_heads * num_windows > _MAX_GRID_AXIS:
         return (f"num_heads * windows = {num_heads} * {num_windows} > {_MAX_GRID_AXIS}, the backward kernels' grid "
                 f"limit")
-    return _kernel_input_limit(qkv, qkv.shape[-1] // (3 * num_heads))
+    return _float64_dot_limit(qkv.dtype, qkv.device.type) or _kernel_input_limit(qkv, qkv.shape[-1] // (3 * num_heads))
 
 
 def _lse_like(qkv: torch.Tensor, num_heads: int, q_stride: int, with_lse: bool) -> torch.Tensor:

@@ -16,6 +16,15 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_report_header(config) -> str:
+    """Which backend fused=True gets here, so a run on a Triton whose interpreter cannot run the kernels (the kernel
+    tests then fail inside the interpreter) says why at the top."""
+    from hiera_fast import ops
+
+    backend, reason = ops.fused_backend(DEVICE)
+    return f"hiera-fast: fused=True on {DEVICE}: {backend} ({reason})"
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -254,6 +254,40 @@ def test_interpreter_needs_triton_3_7(monkeypatch, version, runs):
         assert backend == "eager" and version in reason and ">= 3.7" in reason
 
 
+@pytest.mark.parametrize("version, runs", [("3.1.0", False), ("3.2.0", False), ("3.3.1", True), ("3.6.0", True),
+                                            ("3.8.0", True)])
+def test_gpu_kernels_need_a_triton_that_builds_them(monkeypatch, version, runs):
+    """Triton 3.1 aborts the process inside its compiler on our forward kernel (torch 2.5 pins it): a CUDA device
+    with a Triton older than MIN_TRITON gets the eager path and a reason naming the version."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)  # as on a GPU machine
+    if ops._kernel_modules() is None:
+        pytest.skip("hiera_fast.kernels is not importable here")
+    backend, reason = ops.fused_backend("cuda:0")
+    if runs:
+        assert backend == "triton"
+    else:
+        assert backend == "eager" and f"Triton {version} is older than 3.3" in reason
+
+
+@pytest.mark.parametrize("version, dtype, device_type, falls_back", [
+    ("3.4.0", torch.float64, "cuda", True), ("3.3.1", torch.float64, "cuda", True),
+    ("3.5.1", torch.float64, "cuda", False), ("3.4.0", torch.float32, "cuda", False),
+    ("3.4.0", torch.float64, "cpu", False)])
+def test_float64_attention_on_cuda_needs_triton_3_5(monkeypatch, version, dtype, device_type, falls_back):
+    """Triton 3.3/3.4 fail to compile the attention kernels' float64 ``tl.dot`` ("Unsupported lhs dtype fp64"):
+    float64 attention on CUDA with them runs the eager path (with the reason), every other dtype the kernels."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    reason = ops._float64_dot_limit(dtype, device_type)
+    assert (reason is not None) == falls_back
+    if falls_back:
+        assert f"Triton {version}" in reason and "triton >= 3.5" in reason
+
+
 def test_fused_backend_for_cuda_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)

@@ -27,6 +27,18 @@ def test_opcheck_attention(B, T, nw, s, heads, hd, device):
                           (g, qkv.detach(), out[0], out[1], heads, s, nw))
 
 
+def test_opcheck_attention_on_the_eager_backend(monkeypatch, device):
+    """Where the kernels cannot run (a CPU without the interpreter, a fallback shape) the custom op runs the eager
+    path: its outputs must still be deterministic (the lse it does not need was uninitialised memory, which opcheck
+    reads as the op's output differing between eager and AOT tracing)."""
+    monkeypatch.setattr(ops, "_use_triton", lambda device, op, unsupported=None: False)
+    B, T, nw, s, heads, hd = OPCHECK_CASES[0]
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_fwd.default, (qkv, heads, s, nw))
+    out, lse = ops._attention_fwd(qkv.detach(), heads, s, nw)
+    assert lse.shape == (B, heads, T * nw // s) and not lse.any()
+
+
 def test_opcheck_max_pool(device):
     x = torch.randn(2, 32, 12, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_fwd.default, (x, 4))
