@@ -124,6 +124,10 @@ MIN_FP64_TRITON = (3, 5)  # float64 tl.dot: 3.3 and 3.4 fail to compile the atte
 MIN_INTERPRETER_TRITON = (3, 7)
 
 
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def _triton_too_old(minimum: tuple[int, int]) -> str | None:
     """The installed Triton's version string when it is older than ``minimum`` (major, minor), else None (also when
     Triton is not installed: the callers' other checks cover that)."""
@@ -146,7 +150,7 @@ def _compiler_limit() -> str | None:
     old = _triton_too_old(MIN_TRITON)
     if old is None:
         return None
-    return (f"Triton {old} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest that builds the kernels "
+    return (f"Triton {old} is older than {_dotted(MIN_TRITON)}, the oldest that builds the kernels "
             f"(older ones fail or abort inside their compiler); upgrade triton (and torch) to use them")
 
 
@@ -159,9 +163,9 @@ def _interpreter_limit() -> str | None:
     old = _triton_too_old(MIN_INTERPRETER_TRITON)
     if old is None:
         return None
-    need = ".".join(map(str, MIN_INTERPRETER_TRITON))
     return (f"Triton {old}'s interpreter cannot run the kernels (loops with computed bounds); it needs "
-            f"triton >= {need} (compiled for a CUDA GPU, triton >= {'.'.join(map(str, MIN_TRITON))} is fine)")
+            f"triton >= {_dotted(MIN_INTERPRETER_TRITON)} (compiled for a CUDA GPU, triton >= {_dotted(MIN_TRITON)} "
+            f"is fine)")
 
 
 def _cuda_capability_limit(device: torch.device) -> str | None:
@@ -174,7 +178,7 @@ def _cuda_capability_limit(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) >= MIN_CUDA_CAPABILITY:
         return None
-    need = ".".join(map(str, MIN_CUDA_CAPABILITY))
+    need = _dotted(MIN_CUDA_CAPABILITY)
     return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; the Triton kernels need "
             f"{need} or newer (Ampere, Ada, Hopper, Blackwell): Triton builds them for older GPUs without tensor "
             f"cores, where PyTorch's SDPA is the better choice")
@@ -375,7 +379,7 @@ def _float64_dot_limit(dtype: torch.dtype, device_type: str) -> str | None:
     old = _triton_too_old(MIN_FP64_TRITON)
     if old is None:
         return None
-    return (f"float64 on CUDA needs triton >= {'.'.join(map(str, MIN_FP64_TRITON))} (Triton {old} cannot compile the "
+    return (f"float64 on CUDA needs triton >= {_dotted(MIN_FP64_TRITON)} (Triton {old} cannot compile the "
             f"attention kernels' float64 dot)")
 
 
