@@ -64,7 +64,7 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
 
     A CUDA-graph variant (``mode="reduce-overhead"``) fails if inductor skipped CUDA graphs in that run (it does so
     silently, e.g. for a CPU tensor in the graph): its row would time a graph-less run under a CUDA-graph label."""
-    graphs = bench.COMPILE_MODES.get(impl) == "reduce-overhead"
+    graphs = bench.uses_cuda_graphs(impl)
     skips = cudagraph_skips()
     peak = None
     try:
@@ -95,7 +95,7 @@ def cudagraph_skips() -> int:
 
 def graph_memory(benchmark, impl: str, first_run_peak: int | None) -> None:
     """A CUDA-graph variant's peak memory is that of its first (warm-up) run: replays reuse the graphs' pool."""
-    if bench.COMPILE_MODES.get(impl) == "reduce-overhead" and first_run_peak is not None:
+    if bench.uses_cuda_graphs(impl) and first_run_peak is not None:
         benchmark.extra_info["peak_memory_bytes"] = first_run_peak
         benchmark.extra_info["note"] = ((benchmark.extra_info.get("note") or "") +
                                         "; peak memory of the first (warm-up) run: graph replays allocate from the "

@@ -50,6 +50,12 @@ COMPILE_MODES = {"fused+compile": "default", "fused+cudagraphs": "reduce-overhea
 PEER_IMPLS = ("transformers", "official", "timm", "hiera-optim")
 
 
+def uses_cuda_graphs(impl: str) -> bool:
+    """Whether ``impl`` is compiled with ``mode="reduce-overhead"`` (CUDA graphs): its replays allocate from the
+    graphs' pool, so its peak memory is read on the first run."""
+    return COMPILE_MODES.get(impl) == "reduce-overhead"
+
+
 # ---------------------------------------------------------------------------------------------- dtypes, devices
 def parse_dtype(name: str) -> torch.dtype:
     """``fp32``/``fp16``/``bf16`` (or ``float32``, ``half``, ``bfloat16``) → torch dtype; ValueError otherwise."""
@@ -433,7 +439,7 @@ def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch
             # limit on the shared forward code, past which it would silently run eager
             torch._dynamo.reset()
             module = torch.compile(model, mode=COMPILE_MODES[impl])
-        cuda_graphs = COMPILE_MODES.get(impl) == "reduce-overhead"
+        cuda_graphs = uses_cuda_graphs(impl)
 
         def run(x):
             if cuda_graphs:  # each call is a new step: the graphs' outputs of the last one may be overwritten

@@ -444,9 +444,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         row = {"model": name, "variant": impl, "mode": mode, "batch": batch, "dtype": bench.dtype_name(dtype),
                "shape": list(x.shape), **env}
         warmup = max(args.warmup, 2) if impl in bench.COMPILE_MODES else args.warmup  # the first call compiles
-        # a CUDA-graph variant's peak memory is its first run's: replays allocate from the graphs' pool, which torch's
-        # counter does not see
-        graphs = bench.COMPILE_MODES.get(impl) == "reduce-overhead"
+        graphs = bench.uses_cuda_graphs(impl)  # peak memory from the first run: replays allocate from the graphs' pool
         try:
             variant = bench.build_variant(name, impl, device, None if args.train else dtype, train=args.train)
             step = bench.train_step(variant, x, dtype) if args.train else bench.inference_step(variant, x)
