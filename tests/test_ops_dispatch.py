@@ -237,40 +237,30 @@ def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
         ops._backend_for.cache_clear()  # the monkeypatched answers must not outlive the test
 
 
-@pytest.mark.parametrize("version, runs", [("3.6.0", False), ("3.5.1", False), ("3.7.1", True), ("3.8.0", True),
-                                            ("3.10.0+git1234", True), ("4.0.0", True)])
-def test_interpreter_needs_triton_3_7(monkeypatch, version, runs):
-    """Triton 3.6's interpreter fails inside the kernels (a TypeError from loops with computed bounds): with an older
-    Triton the CPU gets the eager path and a reason naming the version, not an InterpreterError. CUDA is unaffected."""
+@pytest.mark.parametrize("device, version, reason", [
+    ("cpu", "3.6.0", "Triton 3.6.0's interpreter cannot run the kernels (loops with computed bounds); it needs "
+                     "triton >= 3.7"),
+    ("cpu", "3.5.1", "Triton 3.5.1's interpreter cannot run the kernels (loops with computed bounds); it needs "
+                     "triton >= 3.7"),
+    ("cpu", "3.7.1", None), ("cpu", "3.8.0", None), ("cpu", "3.10.0+git1234", None), ("cpu", "4.0.0", None),
+    ("cuda:0", "3.1.0", "Triton 3.1.0 is older than 3.3"), ("cuda:0", "3.2.0", "Triton 3.2.0 is older than 3.3"),
+    ("cuda:0", "3.3.1", None), ("cuda:0", "3.6.0", None), ("cuda:0", "3.8.0", None)])
+def test_backend_needs_a_triton_that_runs_the_kernels(monkeypatch, device, version, reason):
+    """Triton 3.6's interpreter fails inside the kernels (a TypeError from loops with computed bounds), and Triton 3.1
+    (torch 2.5's) aborts the process inside its compiler on our forward kernel: below MIN_INTERPRETER_TRITON on a
+    CPU, or MIN_TRITON on a CUDA GPU, the device gets the eager path and a reason naming the version."""
     triton = pytest.importorskip("triton")
     monkeypatch.setattr(triton, "__version__", version)
-    monkeypatch.setattr(ops, "kernels_interpreted", lambda: True)
-    if ops._kernel_modules() is None:
-        pytest.skip("hiera_fast.kernels is not importable here")
-    backend, reason = ops.fused_backend("cpu")
-    if runs:
-        assert backend == "triton-interpreter"
-    else:
-        assert backend == "eager" and version in reason and ">= 3.7" in reason
-
-
-@pytest.mark.parametrize("version, runs", [("3.1.0", False), ("3.2.0", False), ("3.3.1", True), ("3.6.0", True),
-                                            ("3.8.0", True)])
-def test_gpu_kernels_need_a_triton_that_builds_them(monkeypatch, version, runs):
-    """Triton 3.1 aborts the process inside its compiler on our forward kernel (torch 2.5 pins it): a CUDA device
-    with a Triton older than MIN_TRITON gets the eager path and a reason naming the version."""
-    triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(ops, "kernels_interpreted", lambda: device == "cpu")  # the interpreter lane, or a GPU machine
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)  # as on a GPU machine
     if ops._kernel_modules() is None:
         pytest.skip("hiera_fast.kernels is not importable here")
-    backend, reason = ops.fused_backend("cuda:0")
-    if runs:
-        assert backend == "triton"
+    backend, why = ops.fused_backend(device)
+    if reason is None:
+        assert backend == ("triton-interpreter" if device == "cpu" else "triton")
     else:
-        assert backend == "eager" and f"Triton {version} is older than 3.3" in reason
+        assert backend == "eager" and reason in why
 
 
 @pytest.mark.parametrize("version, dtype, device_type, falls_back", [
