@@ -86,6 +86,13 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
     return peak
 
 
+def traced_graphs() -> int:
+    """How many graphs dynamo has traced in this process (each compile and recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def cudagraph_skips() -> int:
     """How often inductor has chosen not to use CUDA graphs for a ``mode="reduce-overhead"`` graph in this process."""
     from torch._dynamo.utils import counters
@@ -138,8 +145,12 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     (:func:`hiera_fast.bench.time_graph_ms`, runs captured in a CUDA graph, L2 warm), or ``graph_error`` when ``fn``
     cannot be captured. It runs after the other timings. A failed capture keeps its memory pool until the process
     ends (torch frees a graph's pool only after a finished capture), so after one failure the key's later cases
-    skip the capture and say so."""
+    skip the capture and say so.
+
+    Fails the row when ``torch.compile`` traced a new graph after the first round (a compiled variant whose guards
+    fail on every call: its rounds would time recompiles, and past dynamo's recompile limit an uncompiled model)."""
     times: list[float] = []
+    graphs: list[int] = []
     use_do_bench = do_bench and device.type == "cuda"
     if use_do_bench:  # do_bench warms up and times on its own: one pedantic round (pytest-benchmark needs a run)
         rounds, warmup_rounds = 1, 1
@@ -151,6 +162,7 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
         fn()
         bench.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
+        graphs.append(traced_graphs())
 
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     timed = times[-rounds:]
@@ -161,6 +173,10 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
         median = statistics.median(timed)
         benchmark.extra_info["timer"] = f"median of {len(timed)} synchronized rounds"
         benchmark.extra_info["min_ms"] = min(timed)
+    retraced = traced_graphs() - graphs[0]
+    if retraced:
+        pytest.fail(f"torch.compile traced {retraced} new graph(s) while this row was timed, after its first round: "
+                    f"a guard fails on every call (TORCH_LOGS=recompiles says which), so the rounds timed recompiles")
     benchmark.extra_info["median_ms"] = median
     if memory:
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)

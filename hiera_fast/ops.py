@@ -20,7 +20,8 @@ bodies run under a ``torch.autograd.Function`` instead, which skips the dispatch
 identical.
 
 :func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op (and the
-SDPA-routed global calls, as ``global_attention_sdpa``), so tests can prove which path ran. The backward runs the
+SDPA-routed global calls, as ``global_attention_sdpa``, outside ``torch.compile`` only: :func:`_count`), so tests can
+prove which path ran. The backward runs the
 Triton backward kernels where they exist, and otherwise the analytic eager backward of :mod:`hiera_fast.reference`
 (stated per op below).
 """
@@ -310,13 +311,23 @@ def _check_pool(x: torch.Tensor, stride: int) -> None:
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
 
 
+def _count(op: str) -> None:
+    """Count a call of ``op`` in :data:`kernel_launches`, except while ``torch.compile`` traces it: dynamo would read
+    the counter as a constant of the graph and guard on its value, so the next call would fail the guard and
+    recompile, every call, until dynamo's recompile limit, after which the frame runs uncompiled (no CUDA graphs).
+    The custom ops' bodies (the Triton launches) run untraced, also inside compiled graphs, and count there; the
+    SDPA-routed global calls are traced code, so a compiled graph's ones are not counted."""
+    if not torch.compiler.is_compiling():
+        kernel_launches[op] += 1
+
+
 def _launch(op: str, module: str, launcher: str, device: torch.device, *args, **kwargs):
     """Call ``hiera_fast.kernels.<module>.<launcher>(*args, **kwargs)`` on ``device`` and count it in
     :data:`kernel_launches` under ``op``.
 
     Triton launches on the *current* CUDA device, not on the tensors' device: without the guard a tensor on
     ``cuda:1`` while ``cuda:0`` is current would be read by a kernel running on the wrong GPU."""
-    kernel_launches[op] += 1
+    _count(op)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return getattr(_kernel_module(module), launcher)(*args, **kwargs)
@@ -573,8 +584,8 @@ def global_attention_sdpa(qkv: torch.Tensor, num_heads: int, q_stride: int) -> t
     """Global attention with query max-pooling by SDPA on strided views of ``qkv [B, N, 3C]`` (no copies of K and V;
     the pooled query is the fused max-pool's contiguous output) → ``[B, N // q_stride, C]``. Autograd is PyTorch's:
     the backward stacks dq, dk, dv into ``d_qkv`` once (the ``unbind``). Same contract as
-    :func:`mask_unit_attention` with one window."""
-    kernel_launches["global_attention_sdpa"] += 1
+    :func:`mask_unit_attention` with one window. Counted in :data:`kernel_launches` outside ``torch.compile``."""
+    _count("global_attention_sdpa")
     qkv = _unit_last_stride(qkv)  # SDPA's fused kernels need unit-stride head dims (else its slow math path)
     B, N, three_c = qkv.shape
     C = three_c // 3

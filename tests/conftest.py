@@ -50,3 +50,13 @@ def _kernels_for_global_attention(request):
 
     with ops.global_attention("triton"):
         yield
+
+
+@pytest.fixture
+def sdpa_global_here(monkeypatch):
+    """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
+    from hiera_fast import ops
+
+    monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
+    with ops.global_attention("sdpa"):  # the fixture above pins "triton" for the other tests
+        yield

@@ -217,3 +217,38 @@ def test_do_bench_rows_run_one_pedantic_round_and_report_one_timer(monkeypatch):
     measure(cpu_row, lambda: None, torch.device("cpu"), rounds=3, warmup_rounds=1, do_bench=True, memory=False)
     assert cpu_row.calls == [(3, 1)] and cpu_row.extra_info["min_ms"] <= cpu_row.extra_info["median_ms"]
     assert cpu_row.extra_info["timer"] == "median of 3 synchronized rounds"
+
+
+_calls = {"n": 0}
+
+
+def _counts_its_calls(x):  # traced, it reads the count as a constant: every call fails the last trace's guard
+    _calls["n"] += 1
+    return x + 1
+
+
+@pytest.mark.parametrize("retraces", [False, True])
+def test_row_fails_when_its_rounds_recompile(retraces):
+    """A compiled variant whose guards fail on every call times recompiles (and, past dynamo's recompile limit, an
+    uncompiled model): the row fails instead of reporting those times. One that traced once is timed."""
+    from benchmarks.common import measure
+
+    class FakeBenchmark:
+        def __init__(self):
+            self.extra_info = {}
+
+        def pedantic(self, target, rounds, warmup_rounds, iterations):
+            for _ in range(rounds + warmup_rounds):
+                target()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_counts_its_calls if retraces else (lambda x: x + 1), backend="eager")
+    x = torch.ones(3)
+    compiled(x)  # the first trace, as first_run_or_skip does before a row is timed
+    row = FakeBenchmark()
+    run = lambda: measure(row, lambda: compiled(x), torch.device("cpu"), rounds=3, memory=False)  # noqa: E731
+    if retraces:
+        with pytest.raises(pytest.fail.Exception, match="traced 3 new graph"):
+            run()
+    else:
+        assert run() >= 0 and row.extra_info["timer"] == "median of 3 synchronized rounds"

@@ -377,14 +377,6 @@ def test_flags_must_be_bools(name, value):
 
 
 # ---------------------------------------------------------------------------------------------- global attention
-@pytest.fixture
-def sdpa_global_here(monkeypatch):
-    """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
-    monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
-    with ops.global_attention("sdpa"):  # tests/conftest.py pins "triton" for the other tests
-        yield
-
-
 @needs_triton
 @pytest.mark.parametrize("q_stride", [1, 4])
 def test_global_attention_sdpa_matches_float64(device, sdpa_global_here, q_stride):
@@ -442,15 +434,34 @@ def test_set_global_attention_rejects_unknown_backends(bad):
 
 @needs_triton
 def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
-    """The SDPA route traces without graph breaks and gives the eager route's output."""
-    qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+    """The SDPA route traces without graph breaks, gives the eager route's output and gradient, and later calls reuse
+    the graph: tracing it once must not leave a guard that the next call fails (it counted its calls in
+    ``kernel_launches`` while traced, so dynamo guarded on the count and recompiled on every call, until its
+    recompile limit sent the frame to eager, CUDA graphs and all). Its calls count outside ``torch.compile`` only."""
+    from torch._dynamo.utils import counters
 
     def f(x):
         return ops.mask_unit_attention(x, 2, 4, 0, False, fused=True)
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(qkv)
-    assert torch.allclose(compiled, f(qkv), rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    graphs, compiled_launches = counters["stats"]["unique_graphs"], collections.Counter()
+    for call in range(3):
+        qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+        x, ref_x = qkv.clone().requires_grad_(True), qkv.clone().requires_grad_(True)
+        grad = torch.randn(2, 16, 32, device=device)
+        before = ops.kernel_launches.copy()
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            out = compiled(x)
+        (d_x,) = torch.autograd.grad(out, x, grad)
+        compiled_launches += ops.kernel_launches - before
+        before = ops.kernel_launches.copy()
+        ref = f(ref_x)
+        (d_ref,) = torch.autograd.grad(ref, ref_x, grad)
+        assert (ops.kernel_launches - before)["global_attention_sdpa"] == 1  # the eager call counts
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6) and torch.allclose(d_x, d_ref, rtol=1e-6, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert compiled_launches == collections.Counter(unrolled_max_pool_fwd=3, unrolled_max_pool_bwd=3)
 
 
 def test_fallback_warning_points_at_the_callers_line(fresh_warnings, monkeypatch):
