@@ -21,9 +21,8 @@ identical.
 
 :func:`fused_backend` says which one a device gets. ``kernel_launches`` counts the Triton launches per op (and the
 SDPA-routed global calls, as ``global_attention_sdpa``, outside ``torch.compile`` only: :func:`_count`), so tests can
-prove which path ran. The backward runs the
-Triton backward kernels where they exist, and otherwise the analytic eager backward of :mod:`hiera_fast.reference`
-(stated per op below).
+prove which path ran. The backward runs the Triton backward kernels where they exist, and otherwise the analytic
+eager backward of :mod:`hiera_fast.reference` (stated per op below).
 """
 
 from __future__ import annotations
