@@ -176,7 +176,7 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     retraced = traced_graphs() - graphs[0]
     if retraced:
         pytest.fail(f"torch.compile traced {retraced} new graph(s) while this row was timed, after its first round: "
-                    f"a guard fails on every call (TORCH_LOGS=recompiles says which), so the rounds timed recompiles")
+                    f"the rounds timed recompiles (TORCH_LOGS=recompiles says which guard failed)")
     benchmark.extra_info["median_ms"] = median
     if memory:
         benchmark.extra_info["peak_memory_bytes"] = bench.peak_memory(fn, device)

@@ -29,12 +29,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    """A case interrupted by a step's time limit (gpu_session.sh sends SIGINT) is not saved: its row would miss numbers
-    (or, cut inside ``pedantic``, have none, which makes pytest-benchmark fail to write the JSON of every finished
-    case), and a half-filled row would be reported under the wrong timer. pytest-benchmark drops rows with
-    ``has_error``; a KeyboardInterrupt does not set it by itself."""
+    """A case that failed, skipped or was interrupted after its timed rounds is not saved: pytest-benchmark writes every
+    row whose ``has_error`` is unset, and sets it only for exceptions inside ``pedantic``. A row failed by a check
+    after timing (:func:`benchmarks.common.measure` when the rounds recompiled) would otherwise be reported with the
+    times it rejected; one interrupted by a step's time limit (gpu_session.sh sends SIGINT) would miss numbers (or,
+    cut inside ``pedantic``, have none, which makes pytest-benchmark fail to write the JSON of every finished case),
+    and be reported under the wrong timer."""
     outcome = yield
-    if outcome.excinfo is not None and issubclass(outcome.excinfo[0], KeyboardInterrupt):
+    if outcome.excinfo is not None:
         benchmark = getattr(item, "funcargs", {}).get("benchmark")
         if benchmark is not None:
             benchmark.has_error = True

@@ -550,8 +550,8 @@ def set_global_attention(backend: str) -> str:
       Global attention has no windows to gather, so the fusion has little to win there.
     - ``"triton"``: our Triton kernels for global attention too (the split backward of ``kernels/attention_bwd``).
 
-    CPU tensors (the interpreter lane, the eager fallback) do not change. Read when a call runs (under
-    ``torch.compile``, when it traces)."""
+    CPU tensors (the interpreter lane, the eager fallback) do not change. Read when a call runs; a compiled model
+    traced with one choice guards on it and retraces on its next call after a change."""
     global _global_attention
     if backend not in GLOBAL_ATTENTION_BACKENDS:
         raise ValueError(f"backend must be one of {GLOBAL_ATTENTION_BACKENDS}, got {backend!r}")

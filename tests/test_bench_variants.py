@@ -56,9 +56,17 @@ def test_peak_bandwidth_follows_the_gpu(monkeypatch, name, tbps):
 
 
 _INTERRUPTED_SUITE = """
+import pytest
+
+
 def test_finished(benchmark):
     benchmark.pedantic(lambda: None, rounds=2)
     benchmark.extra_info["median_ms"] = 1.0
+
+
+def test_failed_after_timing(benchmark):  # a check after the rounds (measure's recompile check) fails the row
+    benchmark.pedantic(lambda: None, rounds=2)
+    pytest.fail("the rounds recompiled")
 
 
 def test_cut_after_timing(benchmark):  # SIGINT after pytest-benchmark's rounds: a half-filled row
@@ -77,7 +85,8 @@ def test_interrupted_case_is_left_out_of_the_json(tmp_path, cut_inside_pedantic)
     """gpu_session.sh cuts a step with SIGINT (a KeyboardInterrupt in the running case). The finished rows must still
     be written, and the interrupted one left out: cut after pytest-benchmark's rounds it would be saved with half its
     numbers (reported under the wrong timer); cut inside them it has no data and pytest-benchmark failed to write
-    the JSON at all. Runs benchmarks/conftest.py's hook in a real pytest session."""
+    the JSON at all. A case failed after its rounds is left out too (pytest-benchmark saved it with the times its
+    check rejected). Runs benchmarks/conftest.py's hook in a real pytest session."""
     suite = _INTERRUPTED_SUITE
     if cut_inside_pedantic:
         suite = suite.replace("benchmark.pedantic(lambda: None, rounds=2)\n    benchmark.extra_info[\"median_ms\"] = 2.0",

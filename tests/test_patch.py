@@ -610,6 +610,29 @@ def test_class_level_patch_and_undo(library, device):
     assert ops.kernel_launches == before
 
 
+@pytest.mark.parametrize("library", ["official"])  # the check is the libraries' shared code (core.Library.check)
+def test_class_level_patch_compiles_once(library, device, monkeypatch):
+    """A model patched by class and compiled before any eager call traces once: the fused forwards' layout check
+    (cached per class in eager mode) must not leave a guard that the next call fails. Outputs equal the library's."""
+    from hiera_fast.patch import core
+
+    do, _undo, case, _attention_class = CLASS_LEVEL[library]
+    monkeypatch.setattr(core, "_CHECKED", set())  # as in a fresh process: no class checked yet
+    model, x = _build(case, device)
+    model.eval()
+    with torch.no_grad():
+        ref = _outputs(model(x))
+    do()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for call in range(2):
+        before = ops.kernel_launches.copy()
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=call > 0):
+            got = _outputs(compiled(x))
+        assert (ops.kernel_launches - before)["mask_unit_attention_fwd"] == _attention_modules(model)
+        _assert_close(got, ref, FP32_TOL, f"call {call}")
+
+
 BLOCK_NAMES = ("HieraLayer", "HieraBlock")
 
 

@@ -91,15 +91,19 @@ class Library:
     def check(self, module: nn.Module, role: Role, cached: bool = True) -> None:
         """Raise if ``module`` lacks an attribute the fused forward reads. The fused forwards call it first (so a
         class patched before any instance existed is checked on its first call), cached per class since a layout
-        belongs to a library version; :func:`patch` checks every instance."""
-        if cached and type(module) in _CHECKED:
+        belongs to a library version; :func:`patch` checks every instance. While ``torch.compile`` traces, the
+        check runs at trace time without the cache: a set read and changed in traced code is a guard that the next
+        call fails (a recompile)."""
+        compiling = torch.compiler.is_compiling()
+        if cached and not compiling and type(module) in _CHECKED:
             return
         missing = [a for a in role.attrs if not hasattr(module, a)]
         missing += [a for a in role.needs(module) if getattr(module, a, None) is None]
         if missing:
             raise RuntimeError(f"hiera_fast.patch: {self.describe()}'s {role.class_name} has no attribute(s) "
                                f"{missing}; this layout is not supported")
-        _CHECKED.add(type(module))
+        if not compiling:
+            _CHECKED.add(type(module))
 
     def classes(self, *, import_module: bool) -> dict[str, type] | None:
         """``{class_name: class}`` for both roles; None if the module is not imported (and ``import_module`` is off).
