@@ -610,13 +610,13 @@ def test_class_level_patch_and_undo(library, device):
     assert ops.kernel_launches == before
 
 
-@pytest.mark.parametrize("library", ["official"])  # the check is the libraries' shared code (core.Library.check)
-def test_class_level_patch_compiles_once(library, device, monkeypatch):
+def test_class_level_patch_compiles_once(device, monkeypatch):
     """A model patched by class and compiled before any eager call traces once: the fused forwards' layout check
-    (cached per class in eager mode) must not leave a guard that the next call fails. Outputs equal the library's."""
+    (cached per class in eager mode) must not leave a guard that the next call fails. Outputs equal the library's.
+    One library: the check is the libraries' shared code (``core.Library.check``)."""
     from hiera_fast.patch import core
 
-    do, _undo, case, _attention_class = CLASS_LEVEL[library]
+    do, _undo, case, _attention_class = CLASS_LEVEL["official"]
     monkeypatch.setattr(core, "_CHECKED", set())  # as in a fresh process: no class checked yet
     model, x = _build(case, device)
     model.eval()
