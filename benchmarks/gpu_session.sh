@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
 #
-# STEPS (default "gpu-tests bench-train bench-ops bench-models"; "profile" adds benchmarks/profile_train.py's tables to
+# STEPS (default "bench-train gpu-tests bench-ops bench-models"; "profile" adds benchmarks/profile_train.py's tables to
 # session.log) picks and orders the measured steps; LIMIT_<STEP> (LIMIT_PROFILE, LIMIT_GPU_TESTS, LIMIT_BENCH_TRAIN,
 # LIMIT_BENCH_OPS, LIMIT_BENCH_MODELS) overrides a step's limit, TESTS_K / TRAIN_K the -k of
 # the gpu tests / the training benchmark.
@@ -88,12 +88,14 @@ fi
 # the cases are ordered most important first too (bf16 first, the baselines before the compiled variants).
 export RESERVE=30
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
-steps=" ${STEPS:-gpu-tests bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
+steps=" ${STEPS:-bench-train gpu-tests bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
 for name in $steps; do
     case $name in
     profile)  # where one MAE training step's time goes (host vs GPU), eager vs fused: into session.log
         profile_args=(--name mae_hiera_base_224 --batch 128 --impl eager fused fused/triton)
-        [ "${SMOKE:-0}" != "0" ] && profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --impl eager)
+        [ "${SMOKE:-0}" != "0" ] &&
+            profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --mock-kernels --impl eager fused
+                --rounds 2 --steps-per-round 1)
         step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
     gpu-tests)
         step gpu-tests "${LIMIT_GPU_TESTS:-120}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \

@@ -1,62 +1,182 @@
-"""Where the time of one MAE training step goes, on a CUDA GPU: wall time per step, the GPU's busy time (the sum of
-kernel times), the number of kernel launches, and the top CPU-side and GPU-side ops of ``torch.profiler``.
+"""Where the time of one MAE training step goes: eager vs fused, host vs GPU. Prints three tables; writes nothing.
 
-A step whose wall time is far above its GPU busy time is bound by the host (Python, dispatch, launches), not by the
-kernels. Prints tables; writes nothing.
+1. **Interleaved steps.** The implementations' steps alternate, a few at a time, for several rounds, so a host that
+   speeds up or slows down during the run moves them all alike (the benchmark suites time one implementation after
+   the other, and eager-mode steps at batch 128 are bound by the host). Per implementation: the median wall time per
+   step, images/s, and the median *host* time per step (how long ``step()`` takes to return after a synchronize:
+   Python, dispatch and launches, when the GPU keeps up).
+2. **Host time inside** :mod:`hiera_fast.ops` per step: the attention and max-pool calls of the forward, the fused
+   backward bodies, and the Triton launches inside them (``ops._launch``: Triton's own launcher). A number far above
+   the others' sum would point at a host sync.
+3. **torch.profiler**: the GPU's busy time per step (the sum of kernel times), the GPU ops per step, and the top ops
+   by GPU and by CPU time.
+
+A step whose wall time is far above its GPU busy time is bound by the host, not by the kernels.
 
     python -m benchmarks.profile_train [--name mae_hiera_base_224] [--batch 128] [--impl eager fused fused/triton]
 
 ``fused/triton`` runs global attention by our Triton kernel too (``ops.set_global_attention("triton")``).
+``--device cpu --mock-kernels`` measures the host cost of the fused path on a CPU: the Triton kernels are replaced
+by zero-filled outputs of the right shapes (the losses are meaningless, the Python and dispatch work is the real
+code's); Triton's launcher is not in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import statistics
 import time
+from typing import Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hiera_fast import bench, ops
 
+# hiera_fast.ops functions whose host time part 2 reports, with what they are; looked up as module globals when they
+# run (the model calls ``ops.mask_unit_attention``; the autograd nodes call the backward bodies and ``_launch``)
+TIMED_OPS = {
+    "mask_unit_attention": "attention calls (forward; eager or fused)",
+    "unrolled_max_pool": "max-pool calls (forward; eager or fused)",
+    "_attention_backward_impl": "fused attention backward bodies",
+    "_pool_backward_impl": "fused max-pool backward bodies",
+    "_launch": "  of these: Triton launches",
+}
 
-def profile_step(name: str, impl: str, batch: int, rows: int, device: str = "cuda") -> None:
-    """Run and print one profile; ``impl`` as in ``bench.build_variant``, with global attention as set now."""
+
+@contextlib.contextmanager
+def timed_ops(totals: dict[str, list[float]]) -> Iterator[None]:
+    """Wrap :data:`TIMED_OPS` so each call adds ``[calls, seconds]`` to ``totals[name]``; restored on exit."""
+    originals = {name: getattr(ops, name) for name in TIMED_OPS}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total = totals.setdefault(name, [0, 0.0])
+                total[0] += 1
+                total[1] += time.perf_counter() - start
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(ops, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+
+
+def _zeros_for(launcher: str, *args, return_lse: bool = False):
+    """What ``hiera_fast.kernels.<module>.<launcher>`` returns, zero-filled (``--mock-kernels``)."""
+    if launcher == "mask_unit_attention_forward":
+        qkv, num_heads, q_stride, _ = args
+        B, N, three_c = qkv.shape
+        out = qkv.new_zeros(B, N // q_stride, three_c // 3)
+        return (out, ops._lse_like(qkv, num_heads, q_stride, True).zero_()) if return_lse else out
+    if launcher in ("mask_unit_attention_backward", "unrolled_max_pool_backward"):
+        return torch.zeros_like(args[1], memory_format=torch.contiguous_format)
+    if launcher == "unrolled_max_pool_forward":
+        x, stride = args
+        return x.new_zeros(x.shape[0], x.shape[1] // stride, x.shape[2])
+    raise ValueError(f"no mock for launcher {launcher!r}")
+
+
+@contextlib.contextmanager
+def mocked_kernels() -> Iterator[None]:
+    """``--mock-kernels``: ``fused=True`` on the CPU runs the real wrappers with :func:`_zeros_for` as the kernels."""
+    saved = ops.fused_backend, ops._backend_for, ops._launch
+
+    def backend(device):
+        return "triton", "mocked kernels (benchmarks.profile_train --mock-kernels)"
+
+    def launch(op, module, launcher, device, *args, **kwargs):
+        ops._count(op)
+        return _zeros_for(launcher, *args, **kwargs)
+
+    ops.fused_backend, ops._backend_for, ops._launch = backend, backend, launch
+    try:
+        yield
+    finally:
+        ops.fused_backend, ops._backend_for, ops._launch = saved
+
+
+def _impl_and_global(spec: str) -> tuple[str, str]:
+    impl, _, global_attention = spec.partition("/")  # "fused/triton": global attention by our Triton kernel
+    return impl, global_attention or "sdpa"
+
+
+def run(name: str, specs: list[str], batch: int, device: torch.device, rounds: int, per_round: int,
+        rows: int) -> None:
     config = bench.preset_config(name)
-    device = torch.device(device)
-
-    def sync():
-        bench.synchronize(device)
-
-    variant = bench.build_variant(name, impl, device, None, train=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = bench.make_input(config, batch, device)
-    step = bench.train_step(variant, x, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for _ in range(3):
-        step()
-    sync()
-    steps = 10
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    start = time.perf_counter()
-    step()  # host time to enqueue one step (the GPU may still be busy with it)
-    host_ms = (time.perf_counter() - start) * 1e3
-    sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        sync()
-    events = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.device_time for e in kernels) / 1e3 / 2
-    print(f"\n##### {name} b{batch} {impl} (global attention: {ops._global_attention}): wall {wall_ms:.1f} ms/step, "
-          f"host enqueue {host_ms:.1f} ms/step, GPU busy {gpu_ms:.1f} ms/step, {len(kernels) // 2} GPU ops/step", flush=True)
-    print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
-    del variant, step, x
-    bench.free_memory()
+    steps = {}
+    for spec in specs:
+        impl, global_attention = _impl_and_global(spec)
+        variant = bench.build_variant(name, impl, device, None, train=True)
+        step = bench.train_step(variant, x, dtype)
+        with ops.global_attention(global_attention):
+            for _ in range(3):  # warm-up: Triton compiles, cuDNN/cuBLAS pick kernels, the allocator fills
+                step()
+        steps[spec] = step
+    bench.synchronize(device)
+
+    wall: dict[str, list[float]] = collections.defaultdict(list)
+    host: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(rounds):
+        for spec, step in steps.items():
+            with ops.global_attention(_impl_and_global(spec)[1]):
+                start = time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                bench.synchronize(device)
+                wall[spec].append((time.perf_counter() - start) * 1e3 / per_round)
+                start = time.perf_counter()
+                step()  # one step's host time: it returns once enqueued, while the GPU may still run it
+                host[spec].append((time.perf_counter() - start) * 1e3)
+                bench.synchronize(device)
+    print(f"\n##### {name} batch {batch}, {device}, {rounds} rounds of {per_round} steps per implementation, "
+          f"interleaved", flush=True)
+    print(f"{'implementation':16} {'wall ms/step':>14} {'(min-max)':>14} {'images/s':>10} {'host ms/step':>13}")
+    for spec in steps:
+        median = statistics.median(wall[spec])
+        print(f"{spec:16} {median:14.1f} {f'{min(wall[spec]):.1f}-{max(wall[spec]):.1f}':>14} "
+              f"{batch / median * 1e3:10.0f} {statistics.median(host[spec]):13.1f}")
+
+    for spec, step in steps.items():
+        with ops.global_attention(_impl_and_global(spec)[1]):
+            totals: dict[str, list[float]] = {}
+            measured = per_round
+            with timed_ops(totals):
+                for _ in range(measured):
+                    step()
+            bench.synchronize(device)
+            print(f"\n##### host time inside hiera_fast.ops, {spec}, per step (mean of {measured})")
+            for key, what in TIMED_OPS.items():
+                calls, seconds = totals.get(key, (0, 0.0))
+                print(f"{what:44} {calls / measured:6.0f} calls {seconds * 1e3 / measured:8.2f} ms")
+
+            with profile(activities=[ProfilerActivity.CPU]
+                         + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+                for _ in range(2):
+                    step()
+                bench.synchronize(device)
+        events = prof.key_averages()
+        if device.type == "cuda":
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu_ms = sum(e.device_time for e in kernels) / 1e3 / 2
+            print(f"\n##### torch.profiler, {spec}: GPU busy {gpu_ms:.1f} ms/step, {len(kernels) // 2} GPU ops/step",
+                  flush=True)
+            print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+        else:
+            print(f"\n##### torch.profiler, {spec} (CPU)", flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -64,13 +184,24 @@ def main() -> None:
     parser.add_argument("--name", default="mae_hiera_base_224")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--impl", nargs="+", default=["eager", "fused"])
-    parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (part 1)")
+    parser.add_argument("--steps-per-round", type=int, default=5, help="steps per round (part 1), and steps of part 2")
+    parser.add_argument("--rows", type=int, default=15, help="rows per torch.profiler table")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--mock-kernels", action="store_true",
+                        help="CPU only: fused=True runs its real wrappers with zero-filled outputs as the kernels")
     args = parser.parse_args()
-    for impl in args.impl:
-        impl, _, global_attention = impl.partition("/")  # "fused/triton": global attention by our Triton kernel too
-        with ops.global_attention(global_attention or "sdpa"):
-            profile_step(args.name, impl, args.batch, args.rows, args.device)
+    device = torch.device(args.device)
+    if min(args.rounds, args.steps_per_round, args.batch) < 1:
+        parser.error("--rounds, --steps-per-round and --batch must be positive")
+    if args.mock_kernels and device.type != "cpu":
+        parser.error("--mock-kernels is for --device cpu (on a GPU the real kernels run)")
+    for spec in args.impl:
+        impl, global_attention = _impl_and_global(spec)
+        if impl not in ("eager", "fused") or global_attention not in ops.GLOBAL_ATTENTION_BACKENDS:
+            parser.error(f"--impl {spec!r}: expected eager or fused, optionally with /sdpa or /triton")
+    with mocked_kernels() if args.mock_kernels else contextlib.nullcontext():
+        run(args.name, args.impl, args.batch, device, args.rounds, args.steps_per_round, args.rows)
 
 
 if __name__ == "__main__":

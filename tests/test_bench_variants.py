@@ -261,3 +261,33 @@ def test_row_fails_when_its_rounds_recompile(retraces):
             run()
     else:
         assert run() >= 0 and row.extra_info["timer"] == "median of 3 synchronized rounds"
+
+
+def test_profile_train_counts_host_time_and_restores_ops():
+    """benchmarks/profile_train's host accounting: with ``--mock-kernels`` a fused MAE step runs the real wrappers on
+    the CPU, every attention call and backward is counted once and every kernel launch reaches the mock (none runs
+    the eager path or the interpreter); ``hiera_fast.ops`` is itself again afterwards."""
+    from benchmarks import profile_train
+
+    from tests.helpers import tiny_mae_config
+    from hiera_fast import model as H
+
+    names = [*profile_train.TIMED_OPS, "fused_backend", "_backend_for"]
+    before = {name: getattr(ops, name) for name in names}
+    mae = H.HieraForPreTraining(tiny_mae_config(), fused=True)
+    blocks = sum(isinstance(m, H.HieraMaskUnitAttention) for m in mae.modules())
+    layers = [m for m in mae.modules() if isinstance(m, H.HieraLayer)]
+    pool_calls = sum(layer.dim != layer.dim_out for layer in layers)  # a stride-1 one returns its input: no kernel
+    pools = sum(layer.dim != layer.dim_out and layer.query_stride > 1 for layer in layers)
+    assert pool_calls > pools > 0
+    x = torch.randn(2, 3, *mae.config.image_size)
+    totals: dict = {}
+    ops.kernel_launches.clear()
+    with profile_train.mocked_kernels(), profile_train.timed_ops(totals):
+        mae(x).loss.backward()
+    assert {name: calls for name, (calls, _) in totals.items()} == {
+        "mask_unit_attention": blocks, "unrolled_max_pool": pool_calls, "_attention_backward_impl": blocks,
+        "_pool_backward_impl": pools, "_launch": 2 * blocks + 2 * pools}
+    assert ops.kernel_launches["mask_unit_attention_fwd"] == blocks
+    assert all(seconds > 0 for _, seconds in totals.values())
+    assert {name: getattr(ops, name) for name in names} == before
