@@ -73,18 +73,17 @@ def timed_ops(totals: dict[str, list[float]]) -> Iterator[None]:
 
 
 def _zeros_for(launcher: str, *args, return_lse: bool = False):
-    """What ``hiera_fast.kernels.<module>.<launcher>`` returns, zero-filled (``--mock-kernels``)."""
+    """What ``hiera_fast.kernels.<module>.<launcher>`` returns, zero-filled (``--mock-kernels``): the shapes of the
+    custom ops' fake implementations, whose arguments are the launchers' (the forward's ``with_lse`` is the
+    launcher's ``return_lse``, and without it the launcher returns ``out`` alone)."""
     if launcher == "mask_unit_attention_forward":
-        qkv, num_heads, q_stride, _ = args
-        B, N, three_c = qkv.shape
-        out = qkv.new_zeros(B, N // q_stride, three_c // 3)
-        return (out, ops._lse_like(qkv, num_heads, q_stride, True).zero_()) if return_lse else out
-    if launcher in ("mask_unit_attention_backward", "unrolled_max_pool_backward"):
-        return torch.zeros_like(args[1], memory_format=torch.contiguous_format)
-    if launcher == "unrolled_max_pool_forward":
-        x, stride = args
-        return x.new_zeros(x.shape[0], x.shape[1] // stride, x.shape[2])
-    raise ValueError(f"no mock for launcher {launcher!r}")
+        out, lse = ops._attention_fwd_fake(*args, return_lse)
+        return (out.zero_(), lse.zero_()) if return_lse else out.zero_()
+    fakes = {"mask_unit_attention_backward": ops._attention_bwd_fake,
+             "unrolled_max_pool_forward": ops._pool_fwd_fake, "unrolled_max_pool_backward": ops._pool_bwd_fake}
+    if launcher not in fakes:
+        raise ValueError(f"no mock for launcher {launcher!r}")
+    return fakes[launcher](*args).zero_()
 
 
 @contextlib.contextmanager

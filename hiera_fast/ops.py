@@ -410,7 +410,7 @@ def _lse_like(qkv: torch.Tensor, num_heads: int, q_stride: int, with_lse: bool) 
 
 
 @_attention_fwd.register_fake
-def _(qkv, num_heads, q_stride, num_windows, with_lse=True):
+def _attention_fwd_fake(qkv, num_heads, q_stride, num_windows, with_lse=True):
     B, N, three_c = qkv.shape
     return qkv.new_empty(B, N // q_stride, three_c // 3), _lse_like(qkv, num_heads, q_stride, with_lse)
 
@@ -435,7 +435,7 @@ _attention_bwd = torch.library.custom_op("hiera_fast::mask_unit_attention_bwd", 
 
 
 @_attention_bwd.register_fake
-def _(grad_out, qkv, out, lse, num_heads, q_stride, num_windows):
+def _attention_bwd_fake(grad_out, qkv, out, lse, num_heads, q_stride, num_windows):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -610,7 +610,7 @@ _pool_fwd = torch.library.custom_op("hiera_fast::unrolled_max_pool_fwd", mutates
 
 
 @_pool_fwd.register_fake
-def _(x, stride):
+def _pool_fwd_fake(x, stride):
     return x.new_empty(x.shape[0], x.shape[1] // stride, x.shape[2])
 
 
@@ -626,7 +626,7 @@ _pool_bwd = torch.library.custom_op("hiera_fast::unrolled_max_pool_bwd", mutates
 
 
 @_pool_bwd.register_fake
-def _(grad_out, x, stride):
+def _pool_bwd_fake(grad_out, x, stride):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
