@@ -548,12 +548,12 @@ class _Logits(torch.nn.Module):
 
 
 @needs_triton
-def test_jit_trace_records_the_custom_ops():
+def test_jit_trace_records_the_custom_ops(device):
     """``torch.jit.trace`` sees the shapes as traced values: the fused ops go through ``torch.library`` (not the
     launchers, which need ints), so the trace records them and follows a new input (it failed in the launcher's
-    grid math before)."""
-    eager, fused = _tiny_fused_classifier()
-    x1, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    grid math before). On the test device: CPU tensors on a GPU machine run the eager path (no interpreter there)."""
+    eager, fused = (m.to(device) for m in _tiny_fused_classifier())
+    x1, x2 = torch.randn(2, 3, 64, 64, device=device), torch.randn(2, 3, 64, 64, device=device)
     with torch.no_grad():
         traced = torch.jit.trace(_Logits(fused), x1, check_trace=False)
         before = ops.kernel_launches.copy()
