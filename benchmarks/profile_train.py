@@ -115,7 +115,7 @@ def run(name: str, specs: list[str], batch: int, device: torch.device, rounds: i
     config = bench.preset_config(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = bench.make_input(config, batch, device)
-    steps = {}
+    steps = {}  # spec -> (global attention backend, step)
     for spec in specs:
         impl, global_attention = _impl_and_global(spec)
         variant = bench.build_variant(name, impl, device, None, train=True)
@@ -123,14 +123,14 @@ def run(name: str, specs: list[str], batch: int, device: torch.device, rounds: i
         with ops.global_attention(global_attention):
             for _ in range(3):  # warm-up: Triton compiles, cuDNN/cuBLAS pick kernels, the allocator fills
                 step()
-        steps[spec] = step
+        steps[spec] = global_attention, step
     bench.synchronize(device)
 
     wall: dict[str, list[float]] = collections.defaultdict(list)
     host: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(rounds):
-        for spec, step in steps.items():
-            with ops.global_attention(_impl_and_global(spec)[1]):
+        for spec, (global_attention, step) in steps.items():
+            with ops.global_attention(global_attention):
                 start = time.perf_counter()
                 for _ in range(per_round):
                     step()
@@ -148,18 +148,17 @@ def run(name: str, specs: list[str], batch: int, device: torch.device, rounds: i
         print(f"{spec:16} {median:14.1f} {f'{min(wall[spec]):.1f}-{max(wall[spec]):.1f}':>14} "
               f"{batch / median * 1e3:10.0f} {statistics.median(host[spec]):13.1f}")
 
-    for spec, step in steps.items():
-        with ops.global_attention(_impl_and_global(spec)[1]):
+    for spec, (global_attention, step) in steps.items():
+        with ops.global_attention(global_attention):
             totals: dict[str, list[float]] = {}
-            measured = per_round
             with timed_ops(totals):
-                for _ in range(measured):
+                for _ in range(per_round):
                     step()
             bench.synchronize(device)
-            print(f"\n##### host time inside hiera_fast.ops, {spec}, per step (mean of {measured})")
+            print(f"\n##### host time inside hiera_fast.ops, {spec}, per step (mean of {per_round})")
             for key, what in TIMED_OPS.items():
                 calls, seconds = totals.get(key, (0, 0.0))
-                print(f"{what:44} {calls / measured:6.0f} calls {seconds * 1e3 / measured:8.2f} ms")
+                print(f"{what:44} {calls / per_round:6.0f} calls {seconds * 1e3 / per_round:8.2f} ms")
 
             with profile(activities=[ProfilerActivity.CPU]
                          + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:

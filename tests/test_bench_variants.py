@@ -269,7 +269,7 @@ def test_profile_train_counts_host_time_and_restores_ops():
     the eager path or the interpreter); ``hiera_fast.ops`` is itself again afterwards."""
     from benchmarks import profile_train
 
-    from tests.helpers import tiny_mae_config
+    from helpers import tiny_mae_config
     from hiera_fast import model as H
 
     names = [*profile_train.TIMED_OPS, "fused_backend", "_backend_for"]
