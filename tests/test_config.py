@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hiera_fast as H
+from helpers import peer
 
 ZOO = {  # name: (embed_dim, heads of stage 1, depths, video)
     "hiera_tiny_224": (96, 1, (1, 2, 7, 2), False),
@@ -131,7 +132,7 @@ def test_patch_geometry_matches_the_conv(image_size, patch_size, patch_stride, p
 
 @pytest.mark.parametrize("out_indices", [[-1], [0, -2], [-5, 4], [5], [-6], [1, 7]])
 def test_out_indices_like_transformers(out_indices):
-    transformers = pytest.importorskip("transformers")
+    transformers = peer("transformers")
     try:
         theirs = transformers.HieraConfig(out_indices=out_indices).out_features
     except (ValueError, IndexError):  # transformers: ValueError for 5, IndexError for -6
@@ -142,7 +143,7 @@ def test_out_indices_like_transformers(out_indices):
 
 
 def test_from_dict_rejects_other_models():
-    transformers = pytest.importorskip("transformers")
+    transformers = peer("transformers")
     with pytest.raises(ValueError, match="model_type is 'vit'"):
         H.HieraConfig.from_dict(transformers.ViTConfig().to_dict())
     with pytest.raises(ValueError, match="model_type"):
@@ -165,7 +166,7 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_reads_transformers_config_json(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = peer("transformers")
     theirs = transformers.HieraConfig(embed_dim=112, num_heads=[2, 4, 8, 16], num_labels=3,
                                       out_features=["stage1", "stage3"])
     theirs.save_pretrained(tmp_path)

@@ -318,6 +318,7 @@ def _compile_one(variant) -> list[dict]:
     from triton.compiler import ASTSource
 
     from hiera_fast.kernels import attention_bwd as ab
+    from test_kernels_compile import fp32_dot_precision
 
     name, label, sig, consts, attrs, launch = variant
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -334,7 +335,8 @@ def _compile_one(variant) -> list[dict]:
         ptx = kernel.asm["ptx"]
         rows.append({"kernel": name, "variant": label, "cc": cc, "regs": res["REG"],
                      "spill": res["STACK"] + res["LOCAL"], "smem": kernel.metadata.shared,
-                     "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")})
+                     "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"),
+                     "fp32_dot": fp32_dot_precision(ptx)})
     return rows
 
 
@@ -347,9 +349,9 @@ def _compile_worker() -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'kernel':7} {'variant':80} {'cc':>3} {'regs':>4} {'spill':>5} {'smem':>7} mma"
+    head = f"{'kernel':7} {'variant':80} {'cc':>3} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':8} fp32 dot"
     return "\n".join([head] + [f"{r['kernel']:7} {r['variant']:80} {r['cc']:>3} {r['regs']:>4} {r['spill']:>5} "
-                               f"{r['smem']:>7} {r['mma']}" for r in rows])
+                               f"{r['smem']:>7} {r['mma']:8} {r['fp32_dot']}" for r in rows])
 
 
 def test_compile_lane_every_variant_without_spills():
@@ -362,6 +364,9 @@ def test_compile_lane_every_variant_without_spills():
     # fp64 is a test dtype (gradcheck): a few spilled bytes there (seen with triton 3.6 on sm_80) are tolerated
     bad = [r for r in rows if (r["spill"] > 0 and "fp64" not in r["variant"]) or r["smem"] > SMEM_LIMIT[r["cc"]]]
     assert not bad, "spills or too much shared memory:\n" + _table(bad)
+    # fp32 gradients in IEEE fp32 (no tf32 tensor-core rounding): the interpreter cannot see input_precision
+    fp32 = [r for r in rows if r["variant"].startswith("fp32")]
+    assert fp32 and all(r["fp32_dot"] == "fma" for r in fp32), "fp32 backward dots must be IEEE:\n" + _table(fp32)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,18 @@ def _compile(fn, signature: dict, constexprs: dict, divisible: tuple, cc: int, n
     ptx = kernel.asm["ptx"]
     res = _res_usage(kernel.asm["cubin"])
     mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
-    return {"regs": res["REG"], "spill": res["STACK"] + res["LOCAL"], "smem": kernel.metadata.shared, "mma": mma}
+    return {"regs": res["REG"], "spill": res["STACK"] + res["LOCAL"], "smem": kernel.metadata.shared, "mma": mma,
+            "fp32_dot": fp32_dot_precision(ptx)}
+
+
+def fp32_dot_precision(ptx: str) -> str:
+    """How the PTX multiplies fp32 matrices: ``3xtf32`` (tf32 tensor-core MMAs with the operands split into big and
+    small tf32 parts, ``cvt.rna.tf32``: fp32-accurate), ``tf32`` (one rounded tf32 MMA: ~1e-3 relative error),
+    ``fma`` (no tf32 MMA at all: IEEE fp32, or no fp32 dot). Triton's interpreter ignores ``input_precision``, so
+    this is the only check of it without a GPU."""
+    if not re.search(r"(mma\.sync|wgmma\.mma_async)\S*\.tf32", ptx):
+        return "fma"
+    return "3xtf32" if "cvt.rna.tf32" in ptx else "tf32"
 
 
 def _worker() -> list[dict]:
@@ -137,9 +149,9 @@ def _worker() -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'kernel':9} {'variant':72} {'cc':>3} {'regs':>4} {'spill':>5} {'smem':>7} mma"
+    head = f"{'kernel':9} {'variant':72} {'cc':>3} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':8} fp32 dot"
     return "\n".join([head] + [f"{r['kernel']:9} {r['variant']:72} {r['cc']:>3} {r['regs']:>4} {r['spill']:>5} "
-                               f"{r['smem']:>7} {r['mma']}" for r in rows])
+                               f"{r['smem']:>7} {r['mma']:8} {r['fp32_dot']}" for r in rows])
 
 
 def test_every_variant_compiles_without_spills():
@@ -153,6 +165,8 @@ def test_every_variant_compiles_without_spills():
     bad = [r for r in rows if r["spill"] > 0 or r["smem"] > SMEM_LIMIT[r["cc"]]]
     assert not bad, "spills or too much shared memory:\n" + _table(bad)
     assert any(r["mma"] == "wgmma" for r in rows if r["cc"] == 90), "no variant reaches wgmma on sm_90"
+    fp32 = [r for r in rows if r["kernel"] == "attn_fwd" and r["variant"].startswith("float32")]
+    assert fp32 and all(r["fp32_dot"] == "3xtf32" for r in fp32), "fp32 forward dots must be 3xTF32:\n" + _table(fp32)
 
 
 if __name__ == "__main__":

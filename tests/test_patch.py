@@ -31,12 +31,12 @@ from hiera_fast.patch import (
     unpatch_transformers,
 )
 from hiera_fast.patch import core
-from helpers import max_abs, randomize_
+from helpers import max_abs, peer, randomize_
 
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
-timm_hiera = pytest.importorskip("timm.models.hiera")
-official = pytest.importorskip("hiera")
+transformers = peer("transformers")
+timm = peer("timm")
+timm_hiera = peer("timm.models.hiera")
+official = peer("hiera")
 
 FP32_TOL = 1e-5  # max error relative to the tensor's largest entry
 ATTENTION_NAMES = ("HieraMaskUnitAttention", "MaskUnitAttention")
@@ -145,7 +145,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _assert_close(got: list[torch.Tensor], ref: list[torch.Tensor], tol: float, what: str) -> None:
     assert len(got) == len(ref)
-    for i, (a, b) in enumerate(zip(got, ref)):
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{what}[{i}]"
         assert _rel(a, b) <= tol, f"{what}[{i}]: relative error {_rel(a, b):.2e} > {tol:.0e}"
 
@@ -213,7 +213,7 @@ def test_patch_matches_library_fp32(name, device):
     before = ops.kernel_launches.copy()
     out, _ = _run(model, x)
     assert ops.kernel_launches == before
-    assert all(torch.equal(a, b) for a, b in zip(out, ref_out))
+    assert all(torch.equal(a, b) for a, b in zip(out, ref_out, strict=True))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
@@ -236,7 +236,7 @@ def test_transformers_backbone(device):
 def _grad_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     """Relative L2 error of all gradients together (one max-pool winner flipped by fp16 rounding moves a whole
     gradient entry, so per-element comparisons of fp16 gradients are noise)."""
-    num = sum((a.double() - b.double()).pow(2).sum() for a, b in zip(got, ref))
+    num = sum((a.double() - b.double()).pow(2).sum() for a, b in zip(got, ref, strict=True))
     den = sum(b.double().pow(2).sum() for b in ref)
     return math.sqrt(num / den)
 
@@ -255,7 +255,7 @@ def test_patch_matches_library_fp16(name, device):
     launched = ops.kernel_launches - before
     assert launched["mask_unit_attention_fwd"] == _attention_modules(half)
     assert launched["unrolled_max_pool_fwd"] == _pooling_blocks(half)
-    for ours, theirs, ref in zip(ours_out, theirs_out, ref_out):
+    for ours, theirs, ref in zip(ours_out, theirs_out, ref_out, strict=True):
         assert ours.dtype == torch.float16
         assert _rel(ours.float(), ref) <= 2 * _rel(theirs.float(), ref) + 1e-3
     ours_err, theirs_err = _grad_error(ours_grads, ref_grads), _grad_error(theirs_grads, ref_grads)
@@ -316,7 +316,7 @@ def test_transformers_output_attentions_falls_back(device):
     assert launched["mask_unit_attention_fwd"] == 0
     assert launched["unrolled_max_pool_fwd"] == _pooling_blocks(model)
     assert _rel(got.logits, ref.logits) <= FP32_TOL
-    for a, b in zip(got.attentions, ref.attentions):
+    for a, b in zip(got.attentions, ref.attentions, strict=True):
         assert _rel(a, b) <= FP32_TOL
 
 
@@ -352,13 +352,13 @@ def test_patch_twice_is_noop_and_repr(name, device):
     patch(model)
     assert is_patched(model)
     classes = [type(m) for m in model.modules()]
-    changed = sum(cls is not before for cls, (before, _) in zip(classes, layout))
+    changed = sum(cls is not before for cls, (before, _) in zip(classes, layout, strict=True))
     assert changed == _attention_modules(model) + _pooling_blocks(model)
     patched_text = repr(model)
     assert patched_text.count("hiera_fast: fused attention") == _attention_modules(model)
     assert patched_text.count("hiera_fast: fused pooled residual") == _pooling_blocks(model)
     assert core.patch_modules(model) == []
-    assert all(type(m) is cls for m, cls in zip(model.modules(), classes))
+    assert all(type(m) is cls for m, cls in zip(model.modules(), classes, strict=True))
     assert repr(model) == patched_text
     unpatch(model)
     unpatch(model)  # a no-op too
@@ -406,7 +406,7 @@ def test_saved_patched_model_loads_unpatched(name, device):
     assert "hiera_fast" not in repr(loaded)
     got, launched = _launches(lambda: _outputs(loaded(x)))
     assert sum(launched.values()) == 0
-    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
 def test_data_parallel_replica_runs_on_its_own_weights(device):
@@ -498,7 +498,7 @@ def test_transformers_4x_call_signature(monkeypatch, device):
     ]
     refs = [_launches(call)[0] for call, _, _ in calls]
     patch(model)
-    for (call, n_attn, n_pool), (ref_out, ref_weights) in zip(calls, refs):
+    for (call, n_attn, n_pool), (ref_out, ref_weights) in zip(calls, refs, strict=True):
         (out, weights), launched = _launches(call)
         assert (launched["mask_unit_attention_fwd"], launched["unrolled_max_pool_fwd"]) == (n_attn, n_pool)
         assert _rel(out, ref_out) <= FP32_TOL

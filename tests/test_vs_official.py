@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import hiera_fast as H
-from helpers import max_abs, randomize_, tiny_image_config, tiny_mae_config, tiny_video_config
+from helpers import max_abs, peer, randomize_, tiny_image_config, tiny_mae_config, tiny_video_config
 
-hiera = pytest.importorskip("hiera", reason="the official package (pip install hiera-transformer) is needed")
+hiera = peer("hiera")
 
 
 def _load(cls, official: torch.nn.Module, cfg: H.HieraConfig, tmp_path, name="ckpt.pth"):
@@ -37,7 +37,7 @@ def test_image_classifier_matches_official(preset, tmp_path):
     with torch.no_grad():
         assert max_abs(ours(x).logits, official(x)) <= 1e-4
     assert len(feats) == len(out.reshaped_hidden_states) - 1 == len(cfg.depths)
-    for ref, got in zip(feats, out.reshaped_hidden_states[1:]):
+    for ref, got in zip(feats, out.reshaped_hidden_states[1:], strict=True):
         assert got.shape == ref.shape
         assert max_abs(got, ref) <= 1e-4
 
@@ -101,7 +101,7 @@ def test_backbone_matches_official_intermediates(tmp_path):
         _, feats = official(x, return_intermediates=True)
         maps = ours(x).feature_maps
     assert len(maps) == 5 and len(feats) == 4
-    for norm, ref, got in zip(list(ours.hidden_states_norms.values())[1:], feats, maps[1:]):
+    for norm, ref, got in zip(list(ours.hidden_states_norms.values())[1:], feats, maps[1:], strict=True):
         expected = norm(ref).movedim(-1, 1)  # [B, C, H, W]
         assert got.shape == expected.shape
         assert max_abs(got, expected) <= 1e-4
@@ -123,7 +123,7 @@ def test_masked_intermediates_match_official(tmp_path):
         out = ours(x, bool_masked_pos=mask, output_hidden_states=True)
     assert max_abs(out.last_hidden_state, last) <= 1e-4
     assert len(feats) == len(out.reshaped_hidden_states) - 1 == len(cfg.depths)
-    for ref, got in zip(feats, out.reshaped_hidden_states[1:]):
+    for ref, got in zip(feats, out.reshaped_hidden_states[1:], strict=True):
         assert got.shape == ref.shape  # [B, #kept MUs, MUy, MUx, C]
         assert max_abs(got, ref) <= 1e-4
 
@@ -207,7 +207,7 @@ def test_mask_unit_4x4_matches_official(tmp_path):
         _, feats = official(x, return_intermediates=True)
         got = ours(x, output_hidden_states=True).reshaped_hidden_states[1:]
     assert len(feats) == len(got) == 4
-    for ref, mine in zip(feats, got):
+    for ref, mine in zip(feats, got, strict=True):
         assert mine.shape == ref.shape and max_abs(mine, ref) <= 1e-4
     with pytest.raises(ValueError, match="masked_unit_size"):
         ours.hiera(x, bool_masked_pos=torch.ones(2, 16, dtype=torch.bool))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import hiera_fast as H
-from helpers import max_abs, randomize_, tiny_image_config
+from helpers import max_abs, peer, randomize_, tiny_image_config
 from hiera_fast.model import DropPath
 
-timm = pytest.importorskip("timm")
+timm = peer("timm")
 
 
 def test_timm_state_dict_matches(tmp_path):

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import hiera_fast as H
-from helpers import max_abs, randomize_
+from hiera_fast.model import stage_geometry
+from hiera_fast.unroll import reroll
+from helpers import max_abs, peer, randomize_
 
-transformers = pytest.importorskip("transformers")
+transformers = peer("transformers")
 
 KW = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], image_size=[64, 64], decoder_hidden_size=16,
           decoder_depth=2, decoder_num_heads=2, num_labels=5)
@@ -34,7 +36,7 @@ def test_model_matches_transformers(tmp_path):
     assert max_abs(a.last_hidden_state, b.last_hidden_state) <= 1e-4
     assert max_abs(a.pooler_output, b.pooler_output) <= 1e-4
     assert len(a.hidden_states) == len(b.hidden_states)
-    for p, q in zip(a.reshaped_hidden_states, b.reshaped_hidden_states):
+    for p, q in zip(a.reshaped_hidden_states, b.reshaped_hidden_states, strict=True):
         assert p.shape == q.shape and max_abs(p, q) <= 1e-4
 
 
@@ -82,13 +84,26 @@ def test_transformers_reads_our_save(tmp_path):
 
 
 def test_transformers_backbone_skips_unroll_ours_does_not(tmp_path):
-    """DESIGN.md §2: transformers' backbone feeds raster-order tokens to the encoder; ours unrolls first."""
-    theirs, ours = _pair(transformers.HieraBackbone, H.HieraBackbone, tmp_path, out_features=["stage1"])
+    """transformers' backbone feeds raster-order tokens to an encoder that reads them as unrolled: its feature maps
+    are exactly ours computed without the unroll, and differ from ours (test_vs_official proves ours right)."""
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    theirs, ours = _pair(transformers.HieraBackbone, H.HieraBackbone, tmp_path, out_features=stages)
     x = torch.randn(2, 3, 64, 64)
+    config = ours.config
+    tokens = config.tokens_spatial_shape
     with torch.no_grad():
-        a, b = theirs(x).feature_maps[0], ours(x).feature_maps[0]
-    assert a.shape == b.shape
-    assert max_abs(a, b) > 1e-2  # theirs is spatially scrambled; test_vs_official proves ours right
+        got, mine = theirs(x).feature_maps, ours(x).feature_maps
+        raster = ours.embeddings(x, None, None, tokens)  # [B, N, C], never unrolled
+        hidden = (raster, *ours.encoder(raster))
+        emulated = []
+        for name, index in zip(config.out_features, config.out_indices, strict=True):
+            size, schedule = stage_geometry(config, tokens, max(index - 1, 0))
+            emulated.append(ours.hidden_states_norms[name](reroll(hidden[index], size, schedule)).movedim(-1, 1))
+    assert len(got) == len(mine) == len(emulated) == 4
+    for a, b, e in zip(got, mine, emulated, strict=True):
+        assert a.shape == b.shape == e.shape
+        assert max_abs(a, e) <= 1e-4  # transformers computes exactly this
+    assert max_abs(got[0], mine[0]) > 1e-2  # theirs is spatially scrambled, ours is not
 
 
 def test_interpolate_pos_encoding_matches_transformers(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hiera_fast as H
-from helpers import max_abs, randomize_, tiny_image_config, tiny_mae_config
+from helpers import max_abs, peer, randomize_, tiny_image_config, tiny_mae_config
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -79,7 +79,7 @@ def test_mae_checkpoint_into_encoder(tmp_path):
 
 
 def test_official_hub_mixin_directory(tmp_path):
-    hiera = pytest.importorskip("hiera")
+    hiera = peer("hiera")
     official = randomize_(hiera.Hiera(input_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 2, 1),
                                       num_classes=7), std=0.1).train()
     official.save_pretrained(tmp_path)  # huggingface_hub's PyTorchModelHubMixin: config.json + safetensors
@@ -92,7 +92,7 @@ def test_official_hub_mixin_directory(tmp_path):
 
 def test_official_hub_mixin_directory_with_default_stages(tmp_path):
     """The hub mixin writes only the arguments that were passed: no ``stages`` here (Hiera-B's depths)."""
-    hiera = pytest.importorskip("hiera")
+    hiera = peer("hiera")
     official = randomize_(hiera.Hiera(input_size=(64, 64), embed_dim=16, num_heads=1, num_classes=5), std=0.1).train()
     official.save_pretrained(tmp_path)
     ours = H.HieraForImageClassification.from_pretrained(tmp_path)
@@ -103,7 +103,7 @@ def test_official_hub_mixin_directory_with_default_stages(tmp_path):
 
 
 def test_foreign_config_json_is_an_error(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = peer("transformers")
     H.HieraModel(tiny_image_config()).save_pretrained(tmp_path)
     transformers.ViTConfig().save_pretrained(tmp_path)  # replaces config.json
     with pytest.raises(ValueError, match="model_type is 'vit'"):
@@ -144,7 +144,7 @@ def test_masked_unit_attention_switched_back_on_warns():
 def test_official_head_mul_rounds_per_stage(tmp_path):
     """The official model rounds the heads at every stage (``int(int(1 * 1.5) * 1.5) = 1``, not ``int(1.5**2) = 2``):
     a hub-mixin config with head_mul 1.5 gives its heads, and its outputs."""
-    hiera = pytest.importorskip("hiera")
+    hiera = peer("hiera")
     args = dict(input_size=(64, 64), embed_dim=24, num_heads=1, head_mul=1.5, stages=(1, 1, 1, 1), num_classes=5)
     theirs = randomize_(hiera.Hiera(**args), std=0.1).eval()
     torch.save(theirs.state_dict(), tmp_path / "model.pth")
@@ -185,7 +185,7 @@ def test_mae_decoder_of_another_depth_is_an_error(tmp_path):
 
 def test_timm_features_only_state_dict(tmp_path):
     """timm's ``features_only`` model wraps the net as ``model.``: its keys lose that prefix and load."""
-    timm = pytest.importorskip("timm")
+    timm = peer("timm")
     net = timm.create_model("hiera_tiny_224", features_only=True, img_size=(64, 64), out_indices=(0, 1, 2, 3))
     torch.save(net.state_dict(), tmp_path / "feat.pth")
     config = H.HieraConfig.from_preset("hiera_tiny_224", image_size=(64, 64))
@@ -197,7 +197,7 @@ def test_official_three_stage_model_with_default_flags(tmp_path):
     """An official 3-stage model built with the default ``mask_unit_attn`` (4 flags) reads the first 3: its hub-mixin
     config.json (without them) loads (it was a ValueError about a field the user never set), and the outputs
     match."""
-    hiera = pytest.importorskip("hiera")
+    hiera = peer("hiera")
     args = dict(input_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 1), q_pool=2, mask_unit_size=(4, 4),
                 num_classes=5)
     theirs = randomize_(hiera.Hiera(**args), std=0.1).eval()
