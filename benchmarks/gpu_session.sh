@@ -93,7 +93,10 @@ fi
 # baselines before the compiled variants).
 export RESERVE=10
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
-steps=" ${STEPS:-gpu-tests bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
+# pytest-xdist (in the GPU image): the tests' Triton JIT compiles spread over the machine's cores
+xdist=()
+[ "${SMOKE:-0}" = "0" ] && "$python" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-12}")
+steps=" ${STEPS:-gpu-tests gpu-tests-rest bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
 for name in $steps; do
     case $name in
     profile)  # where one MAE training step's time goes (host vs GPU), eager vs fused: into session.log
@@ -102,9 +105,13 @@ for name in $steps; do
             profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --mock-kernels --impl eager fused
                 --rounds 2 --steps-per-round 1)
         step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
-    gpu-tests)
-        step gpu-tests "${LIMIT_GPU_TESTS:-215}" "${pytest[@]}" tests/test_gpu.py tests/test_ops_dispatch.py \
-            ${TESTS_K:+-k "$TESTS_K"} ;;
+    gpu-tests)  # the CUDA lane: tests/test_gpu.py and every kernel sweep on CUDA (bf16 first), over xdist workers
+        step gpu-tests "${LIMIT_GPU_TESTS:-150}" "${pytest[@]}" "${xdist[@]}" tests/test_gpu.py \
+            tests/test_kernels_fwd.py tests/test_kernels_bwd.py -k "${TESTS_K:-not compile_lane}" ;;
+    gpu-tests-rest)  # the rest of tests/ on CUDA: fused models, training, patch, CUDA graphs, dispatch, parity
+        step gpu-tests-rest "${LIMIT_GPU_TESTS_REST:-120}" "${pytest[@]}" "${xdist[@]}" tests \
+            --ignore=tests/test_gpu.py --ignore=tests/test_kernels_fwd.py --ignore=tests/test_kernels_bwd.py \
+            --ignore=tests/test_kernels_compile.py -k "${TESTS_K:-not compile_lane}" ;;
     bench-train)
         step bench-train "${LIMIT_BENCH_TRAIN:-190}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
             -k "${TRAIN_K:-eager or (fused and not compile) or official or optim}" --benchmark-json="$out/train.json" ;;

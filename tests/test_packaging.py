@@ -81,3 +81,21 @@ def test_wheel_holds_hiera_fast_kernels_and_no_top_level_kernels(tmp_path):
         assert f"hiera_fast/kernels/{module}.py" in names
     tops = {name.split("/")[0] for name in names}
     assert tops == {"hiera_fast", f"hiera_fast-{hiera_fast.__version__}.dist-info"}, tops
+
+
+def test_a_missing_peer_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    """The parity tests import their peers through ``helpers.peer``: with ``CI=true`` a missing peer is an error
+    (a parity suite that silently skips proves nothing), on a user's machine a skip with the reason."""
+    import importlib
+
+    from helpers import peer
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError("gone")) if name == "timm" else real(name))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(ImportError, match="CI=true: the parity tests need timm"):
+        peer("timm")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="timm is not installed"):
+        peer("timm")
