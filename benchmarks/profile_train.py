@@ -6,8 +6,8 @@
    step, images/s, and the median *host* time per step (how long ``step()`` takes to return after a synchronize:
    Python, dispatch and launches, when the GPU keeps up).
 2. **Host time inside** :mod:`hiera_fast.ops` per step: the attention and max-pool calls of the forward, the fused
-   backward bodies, and the Triton launches inside them (``ops._launch``: Triton's own launcher). A number far above
-   the others' sum would point at a host sync.
+   backward bodies, and the Triton launchers inside them (:data:`TIMED_OPS`). A number far above the others' sum
+   would point at a host sync.
 3. **torch.profiler**: the GPU's busy time per step (the sum of kernel times), the GPU ops per step, and the top ops
    by GPU and by CPU time.
 
@@ -34,75 +34,102 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hiera_fast import bench, ops
+from hiera_fast.ops import routing
 
-# hiera_fast.ops functions whose host time part 2 reports, with what they are; looked up as module globals when they
-# run (the model calls ``ops.mask_unit_attention``; the autograd nodes call the backward bodies and ``_launch``)
+# where part 2 measures host time: (label, object, attribute), looked up when the timer is installed (so under
+# --mock-kernels the launchers are the mocks). The model calls its blocks' MaskUnitAttention ops and
+# ``ops.unrolled_max_pool``; the autograd Functions call the backward bodies; the bodies call the launchers.
 TIMED_OPS = {
-    "mask_unit_attention": "attention calls (forward; eager or fused)",
-    "unrolled_max_pool": "max-pool calls (forward; eager or fused)",
-    "_attention_backward_impl": "fused attention backward bodies",
-    "_pool_backward_impl": "fused max-pool backward bodies",
-    "_launch": "  of these: Triton launches",
+    "attention calls (forward; eager or fused)": [("attention", "MaskUnitAttention", "__call__")],
+    "max-pool calls (forward; eager or fused)": [("ops", None, "unrolled_max_pool")],
+    "fused attention backward bodies": [("attention", None, "_backward")],
+    "fused max-pool backward bodies": [("pool", None, "_backward")],
+    "  of these: Triton launches": [("attention_fwd", None, "mask_unit_attention_forward"),
+                                    ("attention_bwd", None, "mask_unit_attention_backward"),
+                                    ("max_pool", None, "unrolled_max_pool_forward"),
+                                    ("max_pool", None, "unrolled_max_pool_backward")],
 }
+
+
+def _owner(module: str, cls: str | None):
+    """The object holding a timed attribute: a hiera_fast.ops module, a class in one, or a kernel module (as
+    ``hiera_fast.ops.routing`` holds it: the real one, or the mock)."""
+    owners = {"ops": ops, "attention": ops.attention, "pool": ops.pool, "attention_fwd": routing.attention_fwd,
+              "attention_bwd": routing.attention_bwd, "max_pool": routing.max_pool}
+    owner = owners[module]
+    return getattr(owner, cls) if cls else owner
 
 
 @contextlib.contextmanager
 def timed_ops(totals: dict[str, list[float]]) -> Iterator[None]:
-    """Wrap :data:`TIMED_OPS` so each call adds ``[calls, seconds]`` to ``totals[name]``; restored on exit."""
-    originals = {name: getattr(ops, name) for name in TIMED_OPS}
+    """Wrap every place of :data:`TIMED_OPS` so each call adds ``[calls, seconds]`` to ``totals[label]``; restored on
+    exit."""
+    saved = []
 
-    def timed(name: str, fn: Callable) -> Callable:
+    def timed(label: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                total = totals.setdefault(name, [0, 0.0])
+                total = totals.setdefault(label, [0, 0.0])
                 total[0] += 1
                 total[1] += time.perf_counter() - start
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(ops, name, timed(name, fn))
+    for label, places in TIMED_OPS.items():
+        for module, cls, name in places:
+            owner = _owner(module, cls)
+            saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, timed(label, getattr(owner, name)))
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(ops, name, fn)
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
 
 
-def _zeros_for(launcher: str, *args, return_lse: bool = False):
-    """What ``hiera_fast.kernels.<module>.<launcher>`` returns, zero-filled (``--mock-kernels``): the shapes of the
-    custom ops' fake implementations, whose arguments are the launchers' (the forward's ``with_lse`` is the
-    launcher's ``return_lse``, and without it the launcher returns ``out`` alone)."""
-    if launcher == "mask_unit_attention_forward":
-        out, lse = ops._attention_fwd_fake(*args, return_lse)
+class _MockKernels:
+    """The launchers of ``hiera_fast.kernels`` returning zero-filled outputs of the right shapes (the custom ops'
+    fake implementations; the forward's ``return_lse`` is the fake's ``with_lse``, and without it the launcher returns
+    ``out`` alone)."""
+
+    @staticmethod
+    def mask_unit_attention_forward(qkv, num_heads, q_stride, num_windows, *, return_lse=False):
+        out, lse = ops.attention._attention_fwd_fake(qkv, num_heads, q_stride, num_windows, return_lse)
         return (out.zero_(), lse.zero_()) if return_lse else out.zero_()
-    fakes = {"mask_unit_attention_backward": ops._attention_bwd_fake,
-             "unrolled_max_pool_forward": ops._pool_fwd_fake, "unrolled_max_pool_backward": ops._pool_bwd_fake}
-    if launcher not in fakes:
-        raise ValueError(f"no mock for launcher {launcher!r}")
-    return fakes[launcher](*args).zero_()
+
+    @staticmethod
+    def mask_unit_attention_backward(grad_out, qkv, out, lse, num_heads, q_stride, num_windows):
+        return ops.attention._attention_bwd_fake(grad_out, qkv, out, lse, num_heads, q_stride, num_windows).zero_()
+
+    @staticmethod
+    def unrolled_max_pool_forward(x, stride):
+        return ops.pool._pool_fwd_fake(x, stride).zero_()
+
+    @staticmethod
+    def unrolled_max_pool_backward(grad_out, x, stride):
+        return ops.pool._pool_bwd_fake(grad_out, x, stride).zero_()
 
 
 @contextlib.contextmanager
 def mocked_kernels() -> Iterator[None]:
-    """``--mock-kernels``: ``fused=True`` on the CPU runs the real wrappers with :func:`_zeros_for` as the kernels."""
-    saved = ops.fused_backend, ops._backend_for, ops._launch
-
-    def backend(device):
-        return "triton", "mocked kernels (benchmarks.profile_train --mock-kernels)"
-
-    def launch(op, module, launcher, device, *args, **kwargs):
-        ops._count(op)
-        return _zeros_for(launcher, *args, **kwargs)
-
-    ops.fused_backend, ops._backend_for, ops._launch = backend, backend, launch
+    """``--mock-kernels``: ``fused=True`` on the CPU takes the kernel route with :class:`_MockKernels` as the kernel
+    modules (every other line of the fused path is the real one); the routes decided so far are forgotten before
+    and after."""
+    names = ("attention_fwd", "attention_bwd", "max_pool", "device_backend")
+    saved = {name: getattr(routing, name) for name in names}
+    routing.clear_routes()
+    for name in names[:3]:
+        setattr(routing, name, _MockKernels)
+    routing.device_backend = lambda device: ("triton", "mocked kernels (benchmarks.profile_train --mock-kernels)")
     try:
         yield
     finally:
-        ops.fused_backend, ops._backend_for, ops._launch = saved
+        for name, value in saved.items():
+            setattr(routing, name, value)
+        routing.clear_routes()
 
 
 def _impl_and_global(spec: str) -> tuple[str, str]:
@@ -156,9 +183,9 @@ def run(name: str, specs: list[str], batch: int, device: torch.device, rounds: i
                     step()
             bench.synchronize(device)
             print(f"\n##### host time inside hiera_fast.ops, {spec}, per step (mean of {per_round})")
-            for key, what in TIMED_OPS.items():
-                calls, seconds = totals.get(key, (0, 0.0))
-                print(f"{what:44} {calls / per_round:6.0f} calls {seconds * 1e3 / per_round:8.2f} ms")
+            for label in TIMED_OPS:
+                calls, seconds = totals.get(label, (0, 0.0))
+                print(f"{label:44} {calls / per_round:6.0f} calls {seconds * 1e3 / per_round:8.2f} ms")
 
             with profile(activities=[ProfilerActivity.CPU]
                          + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:

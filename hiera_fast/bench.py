@@ -427,7 +427,7 @@ def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch
     if impl in MODEL_IMPLS:
         fused = impl != "eager"
         if fused:
-            backend, reason = ops.fused_backend(device)
+            backend, reason = ops.routing.device_backend(device)
             if backend == "eager":
                 raise Unavailable(f"fused=True would run the eager path here: {reason}")
         model = copy.deepcopy(reference_model(preset_key(name)))

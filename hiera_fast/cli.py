@@ -94,13 +94,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch build"
         print(f"device: {device_name(device)}; no CUDA device ({built})")
-    for name in ops._KERNEL_MODULES:
-        try:
-            __import__(f"hiera_fast.kernels.{name}")
-            status = "ok"
-        except ImportError as err:
-            status = f"not importable ({err})"
-        print(f"kernels.{name}: {status}")
+    missing, interpreted = ops.routing.KERNELS_MISSING, ops.kernels_interpreted()
+    how = "under Triton's interpreter (TRITON_INTERPRET=1)" if interpreted else "for the GPU"
+    print(f"kernels: {missing}" if missing else f"kernels: hiera_fast.kernels imported, defined {how}")
     backend, reason = ops.fused_backend(device)
     print(f"fused=True on {device.type}: {backend} ({reason})")
     if device.type == "cpu" and backend != "triton-interpreter":

@@ -109,7 +109,10 @@ class HieraEmbeddings(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ blocks
 class HieraMaskUnitAttention(nn.Module):
-    """qkv Linear → :func:`hiera_fast.ops.mask_unit_attention` (mask-unit or global, query max-pooling) → proj."""
+    """qkv Linear → :class:`hiera_fast.ops.MaskUnitAttention` (mask-unit or global, query max-pooling) → proj.
+
+    ``fused`` and ``global_attention`` set the op's route (decided once per device and dtype, then cached on the op:
+    :attr:`op`'s ``routes``)."""
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, query_stride: int = 1, window_size: int = 0,
                  use_mask_unit_attn: bool = False):
@@ -118,15 +121,28 @@ class HieraMaskUnitAttention(nn.Module):
         self.query_stride = query_stride
         self.window_size = window_size
         self.use_mask_unit_attn = use_mask_unit_attn
-        self.fused = False
+        self.op = ops.MaskUnitAttention(num_heads, query_stride, window_size, use_mask_unit_attn)
         self.qkv = nn.Linear(dim, 3 * dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
 
+    @property
+    def fused(self) -> bool:
+        return self.op.fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.set_route(fused=value)
+
+    def set_route(self, fused: bool | None = None, global_attention: str | None = "keep") -> None:
+        """A new op with ``fused`` and/or ``global_attention`` changed (its routes are decided afresh)."""
+        op = self.op
+        self.op = ops.MaskUnitAttention(
+            self.num_heads, self.query_stride, self.window_size, self.use_mask_unit_attn,
+            fused=op.fused if fused is None else fused,
+            global_attention=op.global_attention if global_attention == "keep" else global_attention)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)  # [B, N, 3 * dim_out]
-        out = ops.mask_unit_attention(qkv, self.num_heads, self.query_stride, self.window_size,
-                                      self.use_mask_unit_attn, fused=self.fused)  # [B, N // q_stride, dim_out]
-        return self.proj(out)
+        return self.proj(self.op(self.qkv(x)))  # [B, N, dim] -> [B, N // q_stride, dim_out]
 
     def extra_repr(self) -> str:
         kind = f"mask-unit (window {self.window_size})" if self.use_mask_unit_attn else "global"
@@ -250,10 +266,29 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
 
     @fused.setter
     def fused(self, value: bool) -> None:
-        value = ops._check_flag("fused", value)  # a bool (or 0 / 1): the string "False" is a TypeError, not True
+        value = ops.check_flag("fused", value)  # a bool (or 0 / 1): the string "False" is a TypeError, not True
         for m in self.modules():
             if isinstance(m, HieraMaskUnitAttention):
                 m.fused = value
+
+    @property
+    def global_attention(self) -> str | None:
+        """What ``fused=True`` runs for global attention (one window): "sdpa" (PyTorch's SDPA on views of qkv, on any
+        device), "triton" (our kernels), or None (the default of :func:`hiera_fast.ops.set_global_attention`: SDPA on
+        CUDA, our kernels elsewhere). Set it to choose for this model's blocks."""
+        choices = {m.op.global_attention for m in self.modules() if isinstance(m, HieraMaskUnitAttention)}
+        return choices.pop() if len(choices) == 1 else None
+
+    @global_attention.setter
+    def global_attention(self, backend: str | None) -> None:
+        for m in self.modules():
+            if isinstance(m, HieraMaskUnitAttention):
+                m.set_route(global_attention=backend)
+
+    def fused_routes(self) -> dict[str, dict]:
+        """Each attention block's routes decided so far (on its first call per device and dtype):
+        ``{block name: {(device, dtype, head_dim, global call, default global choice): Route}}``."""
+        return {name: dict(m.op.routes) for name, m in self.named_modules() if isinstance(m, HieraMaskUnitAttention)}
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each encoder layer in the backward instead of keeping its activations (training only): less

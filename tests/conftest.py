@@ -53,10 +53,13 @@ def _kernels_for_global_attention(request):
 
 
 @pytest.fixture
-def sdpa_global_here(monkeypatch):
-    """Route global attention to SDPA on this device too (by default only CUDA does), so the CPU lane checks it."""
-    from hiera_fast import ops
+def forced_eager(monkeypatch):
+    """Every device's backend is "eager" (as on a machine without Triton), with the routes decided so far forgotten
+    before and after (they are cached: ``hiera_fast.ops.routing.clear_routes``)."""
+    from hiera_fast.ops import routing
 
-    monkeypatch.setattr(ops, "_global_attention_runs_sdpa", lambda device: ops._global_attention == "sdpa")
-    with ops.global_attention("sdpa"):  # the fixture above pins "triton" for the other tests
-        yield
+    routing.clear_routes()
+    monkeypatch.setattr(routing, "device_backend", lambda device: ("eager", "forced by the test"))
+    yield
+    monkeypatch.undo()
+    routing.clear_routes()

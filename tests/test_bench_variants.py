@@ -271,9 +271,11 @@ def test_profile_train_counts_host_time_and_restores_ops():
 
     from helpers import tiny_mae_config
     from hiera_fast import model as H
+    from hiera_fast.ops import routing
 
-    names = [*profile_train.TIMED_OPS, "fused_backend", "_backend_for"]
-    before = {name: getattr(ops, name) for name in names}
+    places = [(profile_train._owner(m, c), name) for spots in profile_train.TIMED_OPS.values() for m, c, name in spots]
+    before = [getattr(owner, name) for owner, name in places]
+    kernels = (routing.attention_fwd, routing.attention_bwd, routing.max_pool, routing.device_backend)
     mae = H.HieraForPreTraining(tiny_mae_config(), fused=True)
     blocks = sum(isinstance(m, H.HieraMaskUnitAttention) for m in mae.modules())
     layers = [m for m in mae.modules() if isinstance(m, H.HieraLayer)]
@@ -285,9 +287,10 @@ def test_profile_train_counts_host_time_and_restores_ops():
     ops.kernel_launches.clear()
     with profile_train.mocked_kernels(), profile_train.timed_ops(totals):
         mae(x).loss.backward()
-    assert {name: calls for name, (calls, _) in totals.items()} == {
-        "mask_unit_attention": blocks, "unrolled_max_pool": pool_calls, "_attention_backward_impl": blocks,
-        "_pool_backward_impl": pools, "_launch": 2 * blocks + 2 * pools}
+    labels = list(profile_train.TIMED_OPS)
+    assert {label: calls for label, (calls, _) in totals.items()} == {
+        labels[0]: blocks, labels[1]: pool_calls, labels[2]: blocks, labels[3]: pools, labels[4]: 2 * blocks + 2 * pools}
     assert ops.kernel_launches["mask_unit_attention_fwd"] == blocks
     assert all(seconds > 0 for _, seconds in totals.values())
-    assert {name: getattr(ops, name) for name in names} == before
+    assert [getattr(owner, name) for owner, name in places] == before
+    assert (routing.attention_fwd, routing.attention_bwd, routing.max_pool, routing.device_backend) == kernels

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hiera_fast as H
-from hiera_fast import ops, reference
+from hiera_fast import ops
+from hiera_fast.ops import reference
 from helpers import max_abs, peaky_attention_, randomize_, tiny_image_config, tiny_mae_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

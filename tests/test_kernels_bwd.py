@@ -1,7 +1,7 @@
 """Backward of fused mask-unit attention (``hiera_fast.kernels.attention_bwd``) against float64 autograd.
 
 Numerical lane (``TRITON_INTERPRET=1`` on the CPU, or a CUDA device, which adds bf16): ``d_qkv`` vs float64
-autograd through :func:`hiera_fast.reference.mask_unit_attention_official` over Hiera's geometries; fp16 against
+autograd through :func:`hiera_fast.ops.reference.mask_unit_attention_official` over Hiera's geometries; fp16 against
 the flash-attention rule (at most 2x the error of eager fp16 autograd, plus a floor); max-pool ties; stride-0
 ``grad_out`` and non-contiguous ``qkv``; determinism; a NaN-poisoned output buffer; ``gradcheck`` in float64.
 ``out`` and ``lse`` come from torch here, so these tests do not depend on the forward kernel.
@@ -22,7 +22,7 @@ import tempfile
 import pytest
 import torch
 
-from hiera_fast.reference import mask_unit_attention_eager, mask_unit_attention_official
+from hiera_fast.ops.reference import mask_unit_attention_eager, mask_unit_attention_official
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Triton runs on CPU tensors under the interpreter, on CUDA tensors otherwise (the GPU lane, where bf16 is tested too).

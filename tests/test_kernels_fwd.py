@@ -1,4 +1,4 @@
-"""Forward kernels against the eager spec (``hiera_fast.reference``) computed in float64.
+"""Forward kernels against the eager spec (``hiera_fast.ops.reference``) computed in float64.
 
 On a machine without CUDA the kernels run under Triton's interpreter (fp32/fp16 only: it is wrong for bf16), which
 must be switched on before the kernel module is imported. Every launch writes into NaN-poisoned buffers, so an
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 from hiera_fast.kernels.attention_fwd import attention_forward_config, mask_unit_attention_forward  # noqa: E402
 from hiera_fast.kernels.max_pool import unrolled_max_pool_backward, unrolled_max_pool_forward  # noqa: E402
 from hiera_fast.kernels.unrolled_layout import softmax_stats_dtype  # noqa: E402
-from hiera_fast.reference import (  # noqa: E402
+from hiera_fast.ops.reference import (  # noqa: E402
     mask_unit_attention_eager,
     mask_unit_attention_official,
     unrolled_max_pool_eager,

@@ -15,22 +15,27 @@ import warnings
 import pytest
 import torch
 
-from hiera_fast import ops, reference
+from hiera_fast import ops
+from hiera_fast.ops import reference, routing
 
 needs_triton = pytest.mark.skipif(ops.fused_backend("cpu")[0] == "eager" and not torch.cuda.is_available(),
                                   reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 
 @pytest.fixture
-def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(ops, "_warned", set())
+def fresh_warnings():
+    routing.reset_warnings()
+    yield
+    routing.reset_warnings()
 
 
-def _grad_vs_float64(qkv: torch.Tensor, heads: int, q_stride: int, window_size: int, windowed: bool):
+def _grad_vs_float64(qkv: torch.Tensor, heads: int, q_stride: int, window_size: int, windowed: bool,
+                     global_attention: str | None = None):
     """(fused output, fused d_qkv, float64 reference output, float64 reference d_qkv)."""
     nw = ops.check_qkv(qkv, heads, q_stride, window_size, windowed)
     x = qkv.clone().requires_grad_(True)
-    out = ops.mask_unit_attention(x, heads, q_stride, window_size, windowed, fused=True)
+    out = ops.mask_unit_attention(x, heads, q_stride, window_size, windowed, fused=True,
+                                  global_attention=global_attention)
     grad = torch.randn_like(out)
     (d_x,) = torch.autograd.grad(out, x, grad)
     ref_in = qkv.double().requires_grad_(True)
@@ -47,7 +52,8 @@ def _assert_fp32_close(out, d_x, ref, d_ref):
 @needs_triton
 @pytest.mark.parametrize("hd", [ops.MAX_FUSED_HEAD_DIM, ops.MAX_FUSED_HEAD_DIM + 64], ids=["largest", "past-limit"])
 def test_head_dim_limit(hd, device, fresh_warnings):
-    """Up to the limit the kernels run; past it the eager path runs (forward and backward) with one warning."""
+    """Up to the limit the kernels run; past it the eager path runs (forward and backward, PyTorch's autograd) with
+    one warning."""
     fused = hd <= ops.MAX_FUSED_HEAD_DIM
     heads = 2
     qkv = torch.randn(2, 16 * 2, 3 * heads * hd, device=device)
@@ -57,7 +63,7 @@ def test_head_dim_limit(hd, device, fresh_warnings):
         results = _grad_vs_float64(qkv, heads, 2, 8, True)
     launched = ops.kernel_launches - before
     fallbacks = [w for w in caught if f"head_dim {hd} > 256" in str(w.message)]
-    assert len(fallbacks) == (0 if fused else 2)  # one per op: forward and backward
+    assert len(fallbacks) == (0 if fused else 1)  # one per call site and reason
     assert all(issubclass(w.category, RuntimeWarning) for w in fallbacks)
     assert launched["mask_unit_attention_fwd"] == launched["mask_unit_attention_bwd"] == (1 if fused else 0)
     _assert_fp32_close(*results)
@@ -65,7 +71,7 @@ def test_head_dim_limit(hd, device, fresh_warnings):
 
 @needs_triton
 def test_batch_past_grid_limit_runs_eager_with_warning(device, fresh_warnings):
-    B = ops._MAX_GRID_AXIS + 1  # [65536, 4, 6]: small in memory, one past the kernels' grid
+    B = routing.MAX_GRID_AXIS + 1  # [65536, 4, 6]: small in memory, one past the kernels' grid
     qkv = torch.randn(B, 4, 6, device=device)
     before = ops.kernel_launches.copy()
     with pytest.warns(RuntimeWarning, match=f"batch {B} > 65535"):
@@ -101,10 +107,10 @@ def test_bfloat16_on_cpu_runs_eager_with_warning(how, fresh_warnings):
             results[fused] = out, pooled, d_x
     launched = ops.kernel_launches - before
     reasons = [str(w.message) for w in caught if "bfloat16 on the CPU" in str(w.message)]
-    if how == "bf16-tensor":  # attention and max-pool, forward and backward: a warning each, no launch
-        assert sum(launched.values()) == 0 and len(reasons) == 4, (launched, reasons)
+    if how == "bf16-tensor":  # attention and max-pool: a warning each, no launch
+        assert sum(launched.values()) == 0 and len(reasons) == 2, (launched, reasons)
     else:  # autocast casts the attention's input only: the max-pool keeps fp32 and runs its kernels
-        assert launched == {"unrolled_max_pool_fwd": 1, "unrolled_max_pool_bwd": 1} and len(reasons) == 2, reasons
+        assert launched == {"unrolled_max_pool_fwd": 1, "unrolled_max_pool_bwd": 1} and len(reasons) == 1, reasons
     (out, pooled, d_x), (ref, ref_pooled, ref_d_x) = results[True], results[False]
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref) and torch.equal(pooled, ref_pooled)
     assert (d_x.float() - ref_d_x.float()).abs().max() <= 2e-2 * ref_d_x.float().abs().max()  # analytic vs autograd
@@ -112,38 +118,44 @@ def test_bfloat16_on_cpu_runs_eager_with_warning(how, fresh_warnings):
 
 def test_shape_limits_accept_every_zoo_shape():
     # Hiera-H-16x224, batch 256: the largest attention input of the zoo (stage 1, 25088 tokens x 3 * 256 channels)
-    assert ops._kernel_input_limit(torch.empty(256, 25088, 768, device="meta"), 64) is None
-    assert ops._attention_input_limit(torch.empty(256, 25088, 768, device="meta"), 1, 392) is None
-    assert "2**31" in ops._kernel_input_limit(torch.empty(1, 2**21, 1024, device="meta"))
+    assert routing.call_limit(torch.empty(256, 25088, 768, device="meta")) is None
+    assert routing.attention_call_limit(torch.empty(256, 25088, 768, device="meta"), 1, 392) is None
+    assert "2**31" in routing.call_limit(torch.empty(1, 2**21, 1024, device="meta"))
+
+
+def test_head_dim_limit_is_in_the_route(monkeypatch):
+    monkeypatch.setattr(routing, "device_backend", lambda device: ("triton", "faked"))
+    assert routing.attention_route(True, torch.device("cuda"), torch.float16, 256, False).kind == "kernel"
+    route = routing.attention_route(True, torch.device("cuda"), torch.float16, 257, False)
+    assert route == ("eager", "head_dim 257 > 256, the largest the Triton kernels take")
 
 
 def test_shape_limits_see_strides_and_the_backward_grid():
     """A small tensor whose rows are far apart (a column slice of a very wide one) needs offsets past 32 bits; the
     backward kernels put heads * windows on a grid axis (at most 65535)."""
     wide_rows = torch.empty_strided((2, 2, 48), (2**32, 2**31, 1), device="meta")
-    assert "2**31" in ops._kernel_input_limit(wide_rows)
-    assert "2**31" in ops._attention_input_limit(wide_rows, 1, 1)
+    assert "2**31" in routing.call_limit(wide_rows)
+    assert "2**31" in routing.attention_call_limit(wide_rows, 1, 1)
     expanded = torch.empty(2, 1, 48, device="meta").expand(2, 2**26, 48)  # stride 0, but d_x is written whole
-    assert "2**31" in ops._kernel_input_limit(expanded)
-    assert ops._kernel_input_limit(torch.empty(2, 1, 48, device="meta").expand(2, 2**20, 48)) is None
-    assert "65535" in ops._attention_input_limit(torch.empty(1, 4 * 65536, 48, device="meta"), 4, 65536)
+    assert "2**31" in routing.call_limit(expanded)
+    assert routing.call_limit(torch.empty(2, 1, 48, device="meta").expand(2, 2**20, 48)) is None
+    assert "65535" in routing.attention_call_limit(torch.empty(1, 4 * 65536, 48, device="meta"), 4, 65536)
 
 
 @needs_triton
 def test_backward_copies_a_grad_out_with_huge_row_stride(device, monkeypatch):
     """grad_out is read with 32-bit offsets inside a batch element: one that spans more (a strided view) is copied
-    first. Shrinking the limit shows it on a small tensor."""
-    monkeypatch.setattr(ops, "_MAX_ROW_OFFSET", 1000)  # qkv [1, 32, 48] spans 1536 >= 1000: raise its limit instead
-    monkeypatch.setattr(ops, "_kernel_input_limit", lambda x, head_dim=None: None)
-    bwd = ops._kernel_module("attention_bwd")
+    first. Shrinking the limit shows it on a small tensor (the forward's own limit check is lifted for it)."""
+    monkeypatch.setattr(routing, "MAX_ROW_OFFSET", 1000)  # qkv [1, 32, 48] spans 1536 >= 1000
+    monkeypatch.setattr(routing, "attention_call_limit", lambda qkv, heads, windows: None)
     launched_with = []
+    real = routing.attention_bwd.mask_unit_attention_backward
 
     def spy(grad_out, *args):
         launched_with.append(grad_out.stride())
         return real(grad_out, *args)
 
-    real = bwd.mask_unit_attention_backward
-    monkeypatch.setattr(bwd, "mask_unit_attention_backward", spy)
+    monkeypatch.setattr(routing.attention_bwd, "mask_unit_attention_backward", spy)
     qkv = torch.randn(1, 32, 48, device=device)
     grad = torch.randn(1, 16, 4000, device=device)[:, :, :16]  # rows 4000 apart: spans 60016 elements
     x = qkv.clone().requires_grad_(True)
@@ -157,7 +169,7 @@ def test_backward_copies_a_grad_out_with_huge_row_stride(device, monkeypatch):
 
 
 def test_launch_runs_on_the_tensors_cuda_device(monkeypatch):
-    """Triton launches on the *current* device: the launch must be wrapped in a guard for the tensor's device."""
+    """Triton launches on the *current* device: every kernel body enters a guard for its tensor's device."""
     entered = []
 
     @contextlib.contextmanager
@@ -165,19 +177,23 @@ def test_launch_runs_on_the_tensors_cuda_device(monkeypatch):
         entered.append(torch.device(device))
         yield
 
+    class FakeTensor:  # what the bodies read of a CUDA tensor on GPU 1
+        device, shape, dtype = torch.device("cuda", 1), (1, 8, 4), torch.float32
+
+        def stride(self, dim=None):
+            return (32, 4, 1) if dim is None else (32, 4, 1)[dim]
+
     class FakeKernels:
         @staticmethod
-        def launcher(x):
+        def unrolled_max_pool_forward(x, stride):
             assert entered, "launched outside the device guard"
-            return x + 1
+            return "launched"
 
     monkeypatch.setattr(torch.cuda, "device", fake_device_guard)
-    monkeypatch.setattr(ops, "_kernel_module", lambda name: FakeKernels)
-    monkeypatch.setattr(ops, "kernel_launches", collections.Counter())
-    assert ops._launch("test_op", "any", "launcher", torch.device("cuda", 1), 41) == 42
-    assert entered == [torch.device("cuda", 1)] and ops.kernel_launches["test_op"] == 1
-    assert ops._launch("test_op", "any", "launcher", torch.device("cpu"), 1) == 2  # no guard on a CPU
-    assert entered == [torch.device("cuda", 1)]
+    monkeypatch.setattr(routing, "max_pool", FakeKernels)
+    monkeypatch.setattr(routing, "kernel_launches", collections.Counter())
+    assert ops.pool._pool_forward_kernel(FakeTensor(), 2) == "launched"
+    assert entered == [torch.device("cuda", 1)] and routing.kernel_launches["unrolled_max_pool_fwd"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -195,8 +211,9 @@ def test_backend_follows_how_the_kernels_were_defined():
     take the eager path with a warning that says why, not crash inside Triton."""
     script = """
 import os, warnings, torch
-from hiera_fast import ops, reference
-print(ops.kernels_interpreted(), ops.fused_backend("cpu")[0])
+from hiera_fast import ops
+from hiera_fast.ops import reference, routing
+print(ops.kernels_interpreted(), ops.fused_backend("cpu")[0])  # defined at import, without the interpreter
 os.environ["TRITON_INTERPRET"] = "1"
 backend, reason = ops.fused_backend("cpu")
 print(ops.kernels_interpreted(), backend, "was set after" in reason)
@@ -209,7 +226,7 @@ print(torch.allclose(out, reference.mask_unit_attention_eager(qkv, 1, 2, 2)), le
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["None", "eager", "False", "eager", "True", "True", "1"]
+    assert proc.stdout.split() == ["False", "eager", "False", "eager", "True", "True", "1"]
 
 
 def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
@@ -219,8 +236,8 @@ def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{torch.device(device).index}")
-    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)  # as on a GPU machine
-    if ops._kernel_modules() is None:
+    monkeypatch.setattr(routing, "kernels_interpreted", lambda: False)  # as on a GPU machine
+    if routing.KERNELS_MISSING:
         pytest.skip("hiera_fast.kernels is not importable here")
     backend, reason = ops.fused_backend("cuda:0")
     assert backend == "eager"
@@ -228,13 +245,15 @@ def test_gpus_older_than_ampere_take_the_eager_path(monkeypatch):
     assert ops.fused_backend("cuda:1") == ("triton", "CUDA tensor: the Triton kernels run on the GPU")
     capability[0] = (8, 0)
     assert ops.fused_backend("cuda:0")[0] == "triton"
-    ops._backend_for.cache_clear()
+    routing.clear_routes()
     try:
         capability[0] = (7, 0)
-        assert ops._backend_for(torch.device("cuda", 0))[0] == "eager"
-        assert ops._backend_for(torch.device("cuda", 1))[0] == "triton"
+        assert routing.device_backend(torch.device("cuda", 0))[0] == "eager"
+        assert routing.device_backend(torch.device("cuda", 1))[0] == "triton"
+        capability[0] = (9, 0)
+        assert routing.device_backend(torch.device("cuda", 0))[0] == "eager"  # decided once per device
     finally:
-        ops._backend_for.cache_clear()  # the monkeypatched answers must not outlive the test
+        routing.clear_routes()  # the monkeypatched answers must not outlive the test
 
 
 @pytest.mark.parametrize("device, version, reason", [
@@ -251,10 +270,10 @@ def test_backend_needs_a_triton_that_runs_the_kernels(monkeypatch, device, versi
     CPU, or MIN_TRITON on a CUDA GPU, the device gets the eager path and a reason naming the version."""
     triton = pytest.importorskip("triton")
     monkeypatch.setattr(triton, "__version__", version)
-    monkeypatch.setattr(ops, "kernels_interpreted", lambda: device == "cpu")  # the interpreter lane, or a GPU machine
+    monkeypatch.setattr(routing, "kernels_interpreted", lambda: device == "cpu")  # the interpreter lane, or a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    if ops._kernel_modules() is None:
+    if routing.KERNELS_MISSING:
         pytest.skip("hiera_fast.kernels is not importable here")
     backend, why = ops.fused_backend(device)
     if reason is None:
@@ -272,16 +291,17 @@ def test_float64_attention_on_cuda_needs_triton_3_5(monkeypatch, version, dtype,
     float64 attention on CUDA with them runs the eager path (with the reason), every other dtype the kernels."""
     triton = pytest.importorskip("triton")
     monkeypatch.setattr(triton, "__version__", version)
-    reason = ops._float64_dot_limit(dtype, device_type)
-    assert (reason is not None) == falls_back
+    monkeypatch.setattr(routing, "device_backend", lambda device: ("triton", "faked"))  # a GPU (or the interpreter)
+    route = routing.attention_route(True, torch.device(device_type), dtype, 64, False)
+    assert (route.kind == "eager") == falls_back, route
     if falls_back:
-        assert f"Triton {version}" in reason and "triton >= 3.5" in reason
+        assert f"Triton {version}" in route.reason and "triton >= 3.5" in route.reason
 
 
 def test_fused_backend_for_cuda_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(ops, "kernels_interpreted", lambda: False)
-    if ops._kernel_modules() is None:
+    monkeypatch.setattr(routing, "kernels_interpreted", lambda: False)
+    if routing.KERNELS_MISSING:
         pytest.skip("hiera_fast.kernels is not importable here")
     assert ops.fused_backend("cuda") == ("eager", "no CUDA device is available")
 
@@ -306,10 +326,9 @@ def test_autocast_gives_the_same_dtype_fused_or_not(device):
     assert (grads[True] - grads[False]).abs().max().item() <= 1e-2 * scale
 
 
-def test_autocast_on_the_eager_fallback_backward_inside_autocast(fresh_warnings, monkeypatch):
-    """The fused op's eager fallback (here: forced) computes in its input's dtype even when its backward runs inside
-    the autocast region (it used to mix fp32 and bf16 there and fail)."""
-    monkeypatch.setattr(ops, "_backend_for", lambda device_type: ("eager", "forced by the test"))
+def test_autocast_on_the_eager_fallback_backward_inside_autocast(fresh_warnings, forced_eager):
+    """The fused op's eager fallback (here: forced) computes in the autocast dtype, as fused=False does, and its
+    backward inside the autocast region gives the input's dtype (it used to mix fp32 and bf16 there and fail)."""
     qkv = torch.randn(2, 64, 3 * 2 * 16)
     x = qkv.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(RuntimeWarning, match="forced by the test"):
@@ -379,12 +398,12 @@ def test_flags_must_be_bools(name, value):
 # ---------------------------------------------------------------------------------------------- global attention
 @needs_triton
 @pytest.mark.parametrize("q_stride", [1, 4])
-def test_global_attention_sdpa_matches_float64(device, sdpa_global_here, q_stride):
+def test_global_attention_sdpa_matches_float64(device, q_stride):
     """Global attention routed to SDPA (reading qkv through views, the query pooled by the fused max-pool): output
     and d_qkv match float64 autograd of the official formula; no attention kernel runs."""
     qkv = torch.randn(3, 64, 3 * 2 * 16, device=device)
     before = ops.kernel_launches.copy()
-    out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, q_stride, 0, False)
+    out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, q_stride, 0, False, global_attention="sdpa")
     launched = ops.kernel_launches - before
     assert launched["global_attention_sdpa"] == 1 and launched["mask_unit_attention_fwd"] == 0
     assert launched["unrolled_max_pool_fwd"] == (q_stride > 1) and launched["unrolled_max_pool_bwd"] == (q_stride > 1)
@@ -393,47 +412,56 @@ def test_global_attention_sdpa_matches_float64(device, sdpa_global_here, q_strid
 
 
 @pytest.mark.parametrize("q_stride", [1, 4])
-def test_global_attention_sdpa_empty_batch(sdpa_global_here, q_stride):
+def test_global_attention_sdpa_empty_batch(q_stride):
     """A batch of 0 on the SDPA route gives an empty result and gradient without calling SDPA (whose CUDA kernels
     reject a batch of 0 in some torch versions)."""
     x = torch.randn(0, 64, 3 * 2 * 16, requires_grad=True)
-    out = ops.mask_unit_attention(x, 2, q_stride, 0, False, fused=True)
+    out = ops.mask_unit_attention(x, 2, q_stride, 0, False, fused=True, global_attention="sdpa")
     assert out.shape == (0, 64 // q_stride, 32) and out.is_contiguous()
     out.sum().backward()
     assert x.grad.shape == x.shape
 
 
 @needs_triton
-def test_set_global_attention_triton_runs_the_kernel(device, sdpa_global_here):
+@pytest.mark.default_global_attention
+def test_global_attention_choices(device):
+    """A global call's route: an op's own choice ("sdpa" on any device, "triton" our kernels) wins over the default;
+    the default "sdpa" applies on CUDA only (the CPU lane runs the kernels); set_global_attention changes the default
+    and returns the previous one."""
     qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
+    assert routing.default_global_attention() == "sdpa"
+    for choice, expected in (("triton", {"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1}),
+                             ("sdpa", {"global_attention_sdpa": 1, "unrolled_max_pool_fwd": 1,
+                                       "unrolled_max_pool_bwd": 1})):
+        before = ops.kernel_launches.copy()
+        out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, 4, 0, False, global_attention=choice)
+        assert ops.kernel_launches - before == expected, choice
+        _assert_fp32_close(out, d_x, ref, d_ref)
+    assert ops.runs_sdpa(1, "cuda:0") and not ops.runs_sdpa(1, "cpu") and not ops.runs_sdpa(2, "cuda:0")
+    assert ops.runs_sdpa(1, "cpu", global_attention="sdpa") and not ops.runs_sdpa(1, "cuda:0", "triton")
     previous = ops.set_global_attention("triton")
     try:
-        before = ops.kernel_launches.copy()
-        out, d_x, ref, d_ref = _grad_vs_float64(qkv, 2, 4, 0, False)
-        launched = ops.kernel_launches - before
+        assert previous == "sdpa" and not ops.runs_sdpa(1, "cuda:0")
+        with ops.global_attention("sdpa"):
+            assert ops.runs_sdpa(1, "cuda:0")
+        assert not ops.runs_sdpa(1, "cuda:0")
     finally:
         assert ops.set_global_attention(previous) == "triton"
-    assert launched == {"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1}
-    _assert_fp32_close(out, d_x, ref, d_ref)
-
-
-@pytest.mark.default_global_attention
-def test_global_attention_default_is_sdpa_on_cuda_only():
-    assert ops._global_attention == "sdpa"
-    assert ops._global_attention_runs_sdpa(torch.device("cuda", 0))
-    assert not ops._global_attention_runs_sdpa(torch.device("cpu"))  # the interpreter lane runs the kernels
 
 
 @pytest.mark.parametrize("bad", ["flash", "", None, "SDPA"])
 def test_set_global_attention_rejects_unknown_backends(bad):
-    before = ops._global_attention
+    before = routing.default_global_attention()
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.set_global_attention(bad)
-    assert ops._global_attention == before
+    assert routing.default_global_attention() == before
+    if bad is not None:
+        with pytest.raises(ValueError, match="global_attention must be None or one of"):
+            ops.MaskUnitAttention(2, 1, 0, False, fused=True, global_attention=bad)
 
 
 @needs_triton
-def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
+def test_global_attention_sdpa_under_compile(device):
     """The SDPA route traces without graph breaks, gives the eager route's output and gradient, and later calls reuse
     the graph: tracing it once must not leave a guard that the next call fails (it counted its calls in
     ``kernel_launches`` while traced, so dynamo guarded on the count and recompiled on every call, until its
@@ -441,7 +469,7 @@ def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
     from torch._dynamo.utils import counters
 
     def f(x):
-        return ops.mask_unit_attention(x, 2, 4, 0, False, fused=True)
+        return ops.mask_unit_attention(x, 2, 4, 0, False, fused=True, global_attention="sdpa")
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -464,9 +492,8 @@ def test_global_attention_sdpa_under_compile(device, sdpa_global_here):
     assert compiled_launches == collections.Counter(unrolled_max_pool_fwd=3, unrolled_max_pool_bwd=3)
 
 
-def test_fallback_warning_points_at_the_callers_line(fresh_warnings, monkeypatch):
-    """The eager-fallback warning names the user's file and line, not torch's custom-op machinery."""
-    monkeypatch.setattr(ops, "_backend_for", lambda device_type: ("eager", "forced by the test"))
+def test_fallback_warning_points_at_the_callers_line(fresh_warnings, forced_eager):
+    """The eager-fallback warning names the user's file and line, not hiera_fast's or torch's."""
     qkv = torch.randn(2, 64, 3 * 2 * 16)
     with pytest.warns(RuntimeWarning, match="forced by the test") as record:
         line = sys._getframe().f_lineno + 1
@@ -475,25 +502,39 @@ def test_fallback_warning_points_at_the_callers_line(fresh_warnings, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------- eager fast path
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing: with it active the fused ops take their custom-op route."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 @needs_triton
 def test_eager_fast_path_equals_the_custom_op(device):
-    """Plain eager calls skip torch.library's dispatch (an autograd.Function over the same bodies); the custom op
-    (what torch.compile traces) gives bitwise the same output and gradient."""
+    """Plain eager calls run the kernel bodies directly (no dispatcher cost); under a dispatch mode (as under
+    torch.compile, export or fake tensors) the same autograd Function calls them through the custom ops: bitwise the
+    same outputs and gradients."""
     qkv = torch.randn(2, 64, 3 * 2 * 16, device=device)
-    x = qkv.clone().requires_grad_(True)
-    out = ops.mask_unit_attention(x, 2, 4, 4, True, fused=True)
-    assert type(out.grad_fn).__name__ == "_AttentionFunctionBackward"
-    grad = torch.randn_like(out)
-    (d_x,) = torch.autograd.grad(out, x, grad)
-    y = qkv.clone().requires_grad_(True)
-    out_op = ops._attention_fwd(y, 2, 4, 4, True)[0]
-    (d_y,) = torch.autograd.grad(out_op, y, grad)
-    assert torch.equal(out, out_op) and torch.equal(d_x, d_y)
-    p = qkv[..., :32].clone().requires_grad_(True)
-    pooled = ops.unrolled_max_pool(p, 4, fused=True)
-    assert type(pooled.grad_fn).__name__ == "_PoolFunctionBackward"
-    (d_p,) = torch.autograd.grad(pooled, p, torch.ones_like(pooled))
-    assert torch.equal(d_p, reference.unrolled_max_pool_backward_eager(torch.ones_like(pooled), p.detach(), 4))
+    grad = torch.randn(2, 16, 32, device=device)
+    results = []
+    for mode in (contextlib.nullcontext, _Passthrough):
+        x = qkv.clone().requires_grad_(True)
+        before = ops.kernel_launches.copy()
+        with mode():
+            out = ops.mask_unit_attention(x, 2, 4, 4, True, fused=True)
+            assert type(out.grad_fn).__name__ == "_AttentionFunctionBackward"
+            (d_x,) = torch.autograd.grad(out, x, grad)
+            p = qkv[..., :32].clone().requires_grad_(True)
+            pooled = ops.unrolled_max_pool(p, 4, fused=True)
+            assert type(pooled.grad_fn).__name__ == "_PoolFunctionBackward"
+            (d_p,) = torch.autograd.grad(pooled, p, torch.ones_like(pooled))
+        assert ops.kernel_launches - before == {"mask_unit_attention_fwd": 1, "mask_unit_attention_bwd": 1,
+                                                "unrolled_max_pool_fwd": 1, "unrolled_max_pool_bwd": 1}
+        results.append((out, d_x, pooled, d_p))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][3], reference.unrolled_max_pool_backward_eager(torch.ones(2, 16, 32, device=device),
+                                                                                 qkv[..., :32], 4))
 
 
 @needs_triton

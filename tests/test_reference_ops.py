@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiera_fast import ops, reference
+from hiera_fast import ops
+from hiera_fast.ops import reference
 
 # (B, tokens per window T, windows, q_stride, heads, head_dim): Hiera-B's per-block geometries, batch scaled down
 GEOMETRIES = [

@@ -20,31 +20,21 @@ OPCHECK_CASES = [  # (B, T, nw, q_stride, heads, head_dim)
 
 @pytest.mark.parametrize("B, T, nw, s, heads, hd", OPCHECK_CASES)
 def test_opcheck_attention(B, T, nw, s, heads, hd, device):
-    qkv = torch.randn(B, T * nw, 3 * heads * hd, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_fwd.default, (qkv, heads, s, nw))
-    out = ops._attention_fwd(qkv.detach(), heads, s, nw)
-    g = torch.randn_like(out[0])
-    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_bwd.default,
-                          (g, qkv.detach(), out[0], out[1], heads, s, nw))
-
-
-def test_opcheck_attention_on_the_eager_backend(monkeypatch, device):
-    """Where the kernels cannot run (a CPU without the interpreter, a fallback shape) the custom op runs the eager
-    path: its outputs must still be deterministic (the lse it does not need was uninitialised memory, which opcheck
-    reads as the op's output differing between eager and AOT tracing)."""
-    monkeypatch.setattr(ops, "_use_triton", lambda device, op, unsupported=None: False)
-    B, T, nw, s, heads, hd = OPCHECK_CASES[0]
-    qkv = torch.randn(B, T * nw, 3 * heads * hd, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_fwd.default, (qkv, heads, s, nw))
-    out, lse = ops._attention_fwd(qkv.detach(), heads, s, nw)
-    assert lse.shape == (B, heads, T * nw // s) and not lse.any()
+    """The forward and backward kernel bodies as custom ops (what torch.compile, export and fake tensors see): schema,
+    fake implementation and AOT dispatch agree with the real op. Their autograd is ``ops.attention``'s Function
+    (gradients: test_fused_op_gradient_matches_float64 and the kernel sweeps)."""
+    qkv = torch.randn(B, T * nw, 3 * heads * hd, device=device)
+    for with_lse in (True, False):
+        torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_fwd.default, (qkv, heads, s, nw, with_lse))
+    out, lse = torch.ops.hiera_fast.mask_unit_attention_fwd(qkv, heads, s, nw, True)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.hiera_fast.mask_unit_attention_bwd.default, (g, qkv, out, lse, heads, s, nw))
 
 
 def test_opcheck_max_pool(device):
-    x = torch.randn(2, 32, 12, device=device, requires_grad=True)
+    x = torch.randn(2, 32, 12, device=device)
     torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_fwd.default, (x, 4))
-    torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_bwd.default,
-                          (torch.randn(2, 8, 12, device=device), x.detach(), 4))
+    torch.library.opcheck(torch.ops.hiera_fast.unrolled_max_pool_bwd.default, (torch.randn(2, 8, 12, device=device), x, 4))
 
 
 def test_fused_op_gradient_matches_float64(device):
@@ -53,7 +43,7 @@ def test_fused_op_gradient_matches_float64(device):
     g = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, qkv, g)
     ref_in = qkv.detach().double().requires_grad_(True)
-    (ref,) = torch.autograd.grad(H.reference.mask_unit_attention_official(ref_in, 2, 4, 4), ref_in, g.double())
+    (ref,) = torch.autograd.grad(H.ops.reference.mask_unit_attention_official(ref_in, 2, 4, 4), ref_in, g.double())
     assert max_abs(got, ref) <= 1e-5 * ref.abs().max().item()
 
 
@@ -120,7 +110,7 @@ def test_compile_fullgraph_classifier_aot_eager(device):
     assert max_abs(out, ref) <= 1e-5 * ref.abs().max().item()
 
 
-def test_compiled_training_steps_reuse_the_graph(device, sdpa_global_here):
+def test_compiled_training_steps_reuse_the_graph(device):
     """A compiled fused MAE trained for a few steps (fresh images and masks each) traces once: later steps recompile
     nothing, with global attention routed to SDPA as fused=True does on CUDA and the windowed blocks on our kernels.
     (A traced counter once made every step recompile until dynamo's limit sent the model to eager: on an H100 the
@@ -131,14 +121,16 @@ def test_compiled_training_steps_reuse_the_graph(device, sdpa_global_here):
 
     traced = []
 
-    def aot_eager_keeping_graphs(gm, example_inputs):
-        traced.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+    def aot_eager_keeping_graphs(gm, example_inputs):  # the ops of the graph and of its subgraphs (the fused ops'
+        traced.append({str(node.target) for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)  # Function)
+                       for node in sub.graph.nodes if node.op == "call_function"})
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
     eager = randomize_(H.HieraForPreTraining(tiny_mae_config(mask_ratio=0.5)), std=0.05).to(device).train()
     model = copy.deepcopy(eager)
     model.fused = True
+    model.global_attention = "sdpa"  # the route fused=True takes on CUDA, here on the CPU too
     compiled = torch.compile(model, fullgraph=True, backend=aot_eager_keeping_graphs)
     graphs = counters["stats"]["unique_graphs"]
     for step in range(3):

@@ -1,0 +1,82 @@
+"""Argument checks of the public ops: a clear TypeError / ValueError naming the argument, never a reshape error or a
+Triton stack trace. Static arguments (heads, strides, flags) are checked once, where an op is built; a call checks
+only its tensor."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool argument: ``True`` / ``False`` (or 0 / 1, or a numpy bool, as configs may hold); anything else, a
+    string like ``"False"`` or None included, is a TypeError rather than read by truthiness."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_attention_args(num_heads, q_stride, window_size, use_mask_unit_attn) -> tuple[int, int, int, bool]:
+    """The static arguments of mask-unit attention, checked; ``window_size`` only matters (and must be a positive int)
+    for mask-unit attention."""
+    use_mask_unit_attn = check_flag("use_mask_unit_attn", use_mask_unit_attn)
+    num_heads, q_stride = check_positive_int("num_heads", num_heads), check_positive_int("q_stride", q_stride)
+    if use_mask_unit_attn:
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+            raise ValueError(f"window_size must be a positive int for mask-unit attention, got {window_size!r}")
+    return num_heads, q_stride, window_size, use_mask_unit_attn
+
+
+def window_count(tokens: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """Windows of an attention call over ``tokens`` (run-time) tokens: ``tokens // (q_stride * window_size)`` for
+    mask-unit attention, else 1 (global). No checks: :func:`check_qkv` validates and returns this."""
+    return tokens // (q_stride * window_size) if use_mask_unit_attn else 1
+
+
+def check_qkv_tensor(qkv, num_heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """One call's ``qkv [B, N, 3 * dim]`` against checked static arguments; returns the number of windows."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [B, N, 3 * dim] (rank 3), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
+    B, N, three_c = qkv.shape
+    if three_c == 0 or three_c % 3 or (three_c // 3) % num_heads:
+        raise ValueError(f"qkv's last dim ({three_c}) must be 3 * dim with dim > 0 divisible by num_heads "
+                         f"({num_heads})")
+    if N == 0:
+        raise ValueError(f"qkv must hold at least one token, got shape {tuple(qkv.shape)}")
+    if use_mask_unit_attn:
+        if N % (q_stride * window_size):
+            raise ValueError(f"qkv's token count N={N} must be divisible by q_stride * window_size = "
+                             f"{q_stride} * {window_size}")
+        return N // (q_stride * window_size)
+    if N % q_stride:
+        raise ValueError(f"qkv's token count N={N} must be divisible by q_stride={q_stride}")
+    return 1
+
+
+def check_qkv(qkv, num_heads: int, q_stride: int, window_size: int, use_mask_unit_attn: bool) -> int:
+    """Validate the attention op's arguments (static and tensor); returns the number of windows."""
+    return check_qkv_tensor(qkv, *check_attention_args(num_heads, q_stride, window_size, use_mask_unit_attn))
+
+
+def check_pool_input(x, stride) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, C] (rank 3), got shape {tuple(x.shape)}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    if x.shape[1] % stride:
+        raise ValueError(f"x's token count N={x.shape[1]} must be divisible by stride={stride}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
