@@ -7,9 +7,12 @@ Public API (listed here and nowhere else)::
                                     the models; constructor (config, fused=False); .from_pretrained / .save_pretrained
     ops.mask_unit_attention, ops.unrolled_max_pool
                                     the fused ops (eager with fused=False)
+    HieraDetConfig, HieraDetModel  SAM 2's Hiera image encoder ("hieradet"): config + presets, the reference trunk
     patch, unpatch, patched, is_patched
-                                    put the kernels into transformers' / timm's / the official Hiera models
-    patch_transformers, patch_timm, patch_official (+ unpatch_*)
+                                    put the kernels into transformers' / timm's / the official Hiera models (and
+                                    SAM 2 trunks of sam2 / timm / transformers / ultralytics)
+    patch_transformers, patch_timm, patch_official, patch_sam2, patch_timm_sam2, patch_transformers_sam2,
+    patch_ultralytics_sam2 (+ unpatch_*)
                                     the same at class level, before models are built
 
 ``hiera_fast.patch`` is the function; the per-library modules stay importable with
@@ -23,14 +26,23 @@ from .patch import (
     is_patched,
     patch,
     patch_official,
+    patch_sam2,
     patch_timm,
+    patch_timm_sam2,
     patch_transformers,
+    patch_transformers_sam2,
+    patch_ultralytics_sam2,
     patched,
     unpatch,
     unpatch_official,
+    unpatch_sam2,
     unpatch_timm,
+    unpatch_timm_sam2,
     unpatch_transformers,
+    unpatch_transformers_sam2,
+    unpatch_ultralytics_sam2,
 )
+from .sam2 import HieraDetConfig, HieraDetModel
 
 __version__ = "0.1.0"
 
@@ -52,5 +64,15 @@ __all__ = [
     "unpatch_timm",
     "patch_official",
     "unpatch_official",
+    "HieraDetConfig",
+    "HieraDetModel",
+    "patch_sam2",
+    "unpatch_sam2",
+    "patch_timm_sam2",
+    "unpatch_timm_sam2",
+    "patch_transformers_sam2",
+    "unpatch_transformers_sam2",
+    "patch_ultralytics_sam2",
+    "unpatch_ultralytics_sam2",
     "__version__",
 ]

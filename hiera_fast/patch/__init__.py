@@ -17,17 +17,22 @@ Not supported: double backward (a backward through a gradient taken with ``torch
 create_graph=True)``, e.g. a gradient penalty) raises ``RuntimeError``: the fused backward has no derivative of its
 own. Run such a step unpatched (after :func:`unpatch`, or outside ``with patched(model)``).
 
-One module per library (:mod:`.transformers`, :mod:`.timm`, :mod:`.official`) around a shared :mod:`.core`. None of
-them imports its library when imported (``patch_<library>()`` does): a model can only hold a library's modules once
-that library is imported, so :func:`patch` looks only at the libraries already loaded.
+One module per library (:mod:`.transformers`, :mod:`.timm`, :mod:`.official`; SAM 2's Hiera trunks: :mod:`.sam2`
+(the official ``sam2``), :mod:`.timm_sam2`, :mod:`.transformers_sam2`, :mod:`.ultralytics_sam2`) around a shared
+:mod:`.core`. None of them imports its library when imported (``patch_<library>()`` does): a model can only hold a
+library's modules once that library is imported, so :func:`patch` looks only at the libraries already loaded.
 """
 
 from __future__ import annotations
 
 from .core import is_patched, patch, patched, unpatch
 from .official import patch_official, unpatch_official
+from .sam2 import patch_sam2, unpatch_sam2
 from .timm import patch_timm, unpatch_timm
+from .timm_sam2 import patch_timm_sam2, unpatch_timm_sam2
 from .transformers import patch_transformers, unpatch_transformers
+from .transformers_sam2 import patch_transformers_sam2, unpatch_transformers_sam2
+from .ultralytics_sam2 import patch_ultralytics_sam2, unpatch_ultralytics_sam2
 
 __all__ = [
     "patch",
@@ -40,4 +45,12 @@ __all__ = [
     "unpatch_timm",
     "patch_official",
     "unpatch_official",
+    "patch_sam2",
+    "unpatch_sam2",
+    "patch_timm_sam2",
+    "unpatch_timm_sam2",
+    "patch_transformers_sam2",
+    "unpatch_transformers_sam2",
+    "patch_ultralytics_sam2",
+    "unpatch_ultralytics_sam2",
 ]

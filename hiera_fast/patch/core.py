@@ -61,13 +61,19 @@ class Role:
 
 @dataclasses.dataclass(frozen=True)
 class Library:
-    """A target library: where its Hiera lives (``module``), its distribution name (for the version), its roles."""
+    """A target library: where its Hiera lives (``module``), its distribution name (for the version), its roles.
+
+    ``match_by_name=False`` where the roles' class names are not the library's Hiera's alone (timm's
+    ``MultiScaleBlock`` is also MViTv2's and CrossViT's): its modules are then found by class only, never reported as
+    an unknown layout for their name.
+    """
 
     name: str
     module: str
     distribution: str
     attention: Role
     block: Role
+    match_by_name: bool = True
 
     @property
     def root(self) -> str:
@@ -250,7 +256,8 @@ def _targets(model: nn.Module, attention: bool, pooling: bool) -> tuple[list[tup
             continue
         if classes:
             libs.append((lib, classes))
-    by_name = {(lib.root, role.class_name): lib for lib in LIBRARIES for role in (lib.attention, lib.block)}
+    by_name = {(lib.root, role.class_name): lib for lib in LIBRARIES if lib.match_by_name
+               for role in (lib.attention, lib.block)}
     out, hiera_modules = [], 0
     for module in model.modules():
         known = False
