@@ -25,6 +25,8 @@ import torch
 
 from hiera_fast import bench
 
+from benchmarks.peers import is_peer
+
 SMOKE_ENV = "HIERA_FAST_BENCH_SMOKE"
 NO_CUDA_REASON = ("needs CUDA (no CUDA device here): run `pytest benchmarks/` on a GPU machine, or add --bench-smoke "
                   "to run this case at toy sizes to exercise its code")
@@ -38,6 +40,11 @@ class Setup:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def compile_backend(self) -> str | None:
+        """A smoke run on a CPU traces compiled rows with dynamo's "eager" backend (their code paths, no codegen)."""
+        return "eager" if self.smoke and not self.cuda else None
 
 
 def smoke_requested(config: pytest.Config) -> bool:
@@ -76,7 +83,7 @@ def first_run_or_skip(step: Callable[[], object], impl: str, batch: int,
         bench.free_memory()
         pytest.skip(f"{impl} runs out of memory at batch {batch}")
     except Exception as err:
-        if impl not in bench.PEER_IMPLS:
+        if not is_peer(impl):
             raise
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     skipped = cudagraph_skips() - skips
@@ -142,7 +149,7 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     ``peak_memory_bytes`` (CUDA, one extra run) in ``extra_info``.
 
     With a ``graph`` key (e.g. the implementation's name) on CUDA also records ``graph_ms``: the GPU time alone
-    (:func:`hiera_fast.bench.time_graph_ms`, runs captured in a CUDA graph, L2 warm), or ``graph_error`` when ``fn``
+    (:func:`time_graph_ms`, runs captured in a CUDA graph, L2 warm), or ``graph_error`` when ``fn``
     cannot be captured. It runs after the other timings. A failed capture keeps its memory pool until the process
     ends (torch frees a graph's pool only after a finished capture), so after one failure the key's later cases
     skip the capture and say so.
@@ -167,7 +174,7 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     timed = times[-rounds:]
     if use_do_bench:
-        median = bench.time_ms(fn, device, grad_to_none=grad_to_none)
+        median = time_ms(fn, device, grad_to_none=grad_to_none)
         benchmark.extra_info["timer"] = "triton.testing.do_bench median"
     else:
         median = statistics.median(timed)
@@ -186,9 +193,37 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, rounds
                                                    f"({_GRAPH_FAILED[graph]})")
             return median
         try:
-            benchmark.extra_info["graph_ms"] = bench.time_graph_ms(fn, device, grad_to_none=grad_to_none)
+            benchmark.extra_info["graph_ms"] = time_graph_ms(fn, device, grad_to_none=grad_to_none)
         except Exception as err:  # noqa: BLE001  (recorded: the row keeps its other numbers)
             _GRAPH_FAILED[graph] = benchmark.extra_info["graph_error"] = _root_cause(err)
             with contextlib.suppress(Exception):  # a broken context shows in the next case, which fails on its own
                 bench.synchronize(device)
     return median
+
+
+# ---------------------------------------------------------------------------------------------- op timers
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 25, rep: int = 100,
+            grad_to_none: Sequence[torch.Tensor] | None = None, cpu_iters: int = 5) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA (``warmup``/``rep`` in ms), else the
+    median of ``cpu_iters`` ``perf_counter`` runs after one warm-up run."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        with torch.cuda.device(device):  # its events and L2-flush buffer belong to the current device
+            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    return statistics.median(bench.time_iterations(fn, device, iters=cpu_iters, warmup=1, grad_to_none=grad_to_none))
+
+
+def time_graph_ms(fn: Callable[[], object], device: torch.device | str, *, rep: int = 20,
+                  grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of ``fn()`` as GPU time alone: ``triton.testing.do_bench_cudagraph``, which captures many
+    runs of ``fn`` in one CUDA graph and times its replays, so the host's cost of launching (Python, dispatch,
+    autograd) is not in the number. :func:`time_ms` measures with the launches: when the host is slower than the GPU
+    work of a call, that is host time. L2 is not flushed between the captured runs (the op benchmarks size their
+    inputs past L2). CUDA only; raises whatever capture raises for an ``fn`` that cannot be captured."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"time_graph_ms needs a CUDA device, got {device}")
+    from triton.testing import do_bench_cudagraph
+
+    with torch.cuda.device(device):  # its side stream and graph belong to the current device
+        return float(do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# One GPU session's checks and measurements in one command, sized to fit one device call (~9.5 minutes of an
-# H100/H200 after the machine starts): GPU parity tests (bf16 included, CUDA graphs), the bf16 op benchmark
-# (fused vs eager 4-D SDPA vs the official 5-D call; each timed with launches and as GPU time in a CUDA graph), the
-# Hiera-B MAE training step (eager / fused / fused + CUDA graphs / official / hiera-optim), Hiera-B inference at
-# batch 256, and the markdown report. The parity sweep is ordered to be cut by its step's limit (exit 124).
+# One GPU session's measurements and checks in one command, sized to one device call (~9 minutes of an H100/H200
+# after the machine starts), most important first:
+#   compare-inference  Hiera-B inference, batch 256, bf16: fused + CUDA graphs vs timm + CUDA graphs (the strongest
+#                      compiled peer), ViT-B/16 + CUDA graphs (the reference users compare with) and our fused=False
+#                      model + CUDA graphs (the kernels' own share on top of compile)
+#   compare-train      the Hiera-B MAE step, batch 128, bf16 autocast: hiera-optim's best mode (graph_safe=True +
+#                      reduce-overhead, static mask buffers) vs fused + CUDA graphs (+ fused=False and ViT-B/16's
+#                      supervised step with CUDA graphs, if the limit leaves time)
+#   profile            GPU time per kind (and per stage for an eager run) beside the roofline's floors, and MFU:
+#                      inference (fused + CUDA graphs, timm + CUDA graphs), then the MAE step (fused + CUDA graphs);
+#                      inductor's on-disk cache makes these compiles cheap after the compare steps
+#   gpu-tests          the CUDA lane: tests/test_gpu.py (bf16 first, inductor, CUDA graphs, determinism) and every
+#                      kernel sweep on CUDA, over pytest-xdist workers
+# More steps, for a session that asks for them with STEPS: gpu-tests-rest (the rest of tests/ on CUDA), bench-ops
+# (per attention call, bf16), bench-models / bench-train (the full suites' eager and compiled rows), profile-host
+# (benchmarks/profile_train.py: host vs GPU time of eager-mode steps).
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
 #
-# STEPS (default "gpu-tests bench-train bench-ops bench-models"; "profile" adds benchmarks/profile_train.py's tables to
-# session.log) picks and orders the measured steps; LIMIT_<STEP> (LIMIT_PROFILE, LIMIT_GPU_TESTS, LIMIT_BENCH_TRAIN,
-# LIMIT_BENCH_OPS, LIMIT_BENCH_MODELS) overrides a step's limit, TESTS_K / TRAIN_K the -k of
-# the gpu tests / the training benchmark.
-# BUDGET (seconds, default 565) bounds the whole script; steps run most important first and each is cut to what is
-# left. Writes at most 8 files into OUT_DIR (the device tool brings back 8): session.log (every step's output, with its
-# exit code and seconds), ops.json, train.json, models.json (pytest-benchmark) and ops.md, train.md, models.md
-# (python -m benchmarks.report). Each step has its own time limit; a step that overruns is interrupted with SIGINT,
-# so pytest still writes the JSON of what it measured, and the next step runs. Exit code: the number of failed steps;
-# 100 + that when the session stopped early (the install failed, or fused=True would not reach the Triton kernels
-# on CUDA, as the fused-backend step shows: then no measurement would mean anything).
+# STEPS (default "compare-inference compare-train profile profile-train gpu-tests") picks and orders the steps; LIMIT_<STEP>
+# (LIMIT_COMPARE_INFERENCE, LIMIT_COMPARE_TRAIN, LIMIT_PROFILE, LIMIT_PROFILE_TRAIN, LIMIT_GPU_TESTS, ...) overrides a
+# step's limit, TESTS_K the -k of the GPU tests. BUDGET (seconds, default 565) bounds the whole script; each step is
+# cut to what is left. A step that overruns is interrupted with SIGINT, so pytest still writes the JSON of what it
+# measured (the case it cut is left out), and the next step runs. Writes at most 8 files into OUT_DIR (the device tool
+# brings back 8): session.log (every step's output, exit code and seconds), models.json, train.json (pytest-benchmark)
+# and models.md, train.md (python -m benchmarks.report), profile.md, profile-train.md. Exit code: the number of
+# failed steps; 100 + that when the session stopped early (the install failed, or fused=True would not reach the
+# Triton kernels on CUDA, as the fused-backend step shows: then no measurement would mean anything).
+#
+# The step limits are estimates: the H100 of 2026-11-28 compiled Hiera-B's MAE step with CUDA graphs in ~60-80 s and
+# its GPU tests took ~195 s without xdist. TORCHINDUCTOR_COMPILE_THREADS uses the machine's cores.
 #
 # Peers that are not in the GPU image (hiera-transformer for `official`, hiera-optim; both pure Python, their needs
 # are in the image) travel as wheels in .whl/ (ignored by git): when .whl/ holds wheels they are installed into
@@ -84,29 +96,42 @@ print('fused=True on cuda:', backend, '-', why); raise SystemExit(backend != 'tr
         stop "fused=True would not run the Triton kernels on this machine (see fused-backend above)"
 fi
 
-# most important first; RESERVE keeps time for the reports at the end (about 1 s each on the H100). The step limits
-# (215 + 190 + 75 + 60 s) add up to the budget left after the setup steps (~15 s) and RESERVE, so the last step is
-# not starved; the H100 of 2026-11-28 needed 173, 65 and 56 s for the last three, and its GPU tests, split over two
-# calls, took 118 + 75 s by pytest's clocks (the first call's step: 128 s wall for its 118 s), so it gets 215 s.
-# The GPU tests come first: the headline training row was measured there (3.32x official), so the next regression
-# check is the one to keep. Inside each step the cases are ordered most important first too (bf16 first, the
-# baselines before the compiled variants).
+# most important first; RESERVE keeps time for the reports at the end (about 1 s each)
 export RESERVE=10
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 pytest=("$python" -m pytest -q -p no:cacheprovider -o addopts="-ra")
 # pytest-xdist (in the GPU image): the tests' Triton JIT compiles spread over the machine's cores
 xdist=()
 [ "${SMOKE:-0}" = "0" ] && "$python" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-12}")
-steps=" ${STEPS:-gpu-tests gpu-tests-rest bench-train bench-ops bench-models} "  # STEPS picks (and orders) the measured steps
+model=hiera_base_224 batch=256 mae=mae_hiera_base_224 mae_batch=128 profile_dev=()
+if [ "${SMOKE:-0}" != "0" ]; then
+    model=hiera_tiny_224 batch=1 mae=mae_hiera_tiny_224 mae_batch=1
+    command -v nvidia-smi >/dev/null || profile_dev=(--device cpu)
+fi
+steps=" ${STEPS:-compare-inference compare-train profile profile-train gpu-tests} "  # STEPS picks (and orders) the steps
 for name in $steps; do
     case $name in
-    profile)  # where one MAE training step's time goes (host vs GPU), eager vs fused: into session.log
-        profile_args=(--name mae_hiera_base_224 --batch 128 --impl eager fused)  # + fused/triton by hand
-        [ "${SMOKE:-0}" != "0" ] &&
-            profile_args=(--name mae_hiera_tiny_224 --batch 1 --device cpu --mock-kernels --impl eager fused
-                --rounds 2 --steps-per-round 1)
-        step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
+    compare-inference)
+        step compare-inference "${LIMIT_COMPARE_INFERENCE:-150}" "${pytest[@]}" benchmarks/test_bench_models.py \
+            "${smoke[@]}" -k "$model-b$batch and (timm+cudagraphs or fused+cudagraphs or vit+cudagraphs or \
+eager+cudagraphs)" --benchmark-json="$out/models.json" ;;
+    compare-train)
+        step compare-train "${LIMIT_COMPARE_TRAIN:-130}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
+            -k "hiera-optim+cudagraphs or fused+cudagraphs or eager+cudagraphs or vit+cudagraphs" \
+            --benchmark-json="$out/train.json" ;;
+    profile)
+        step profile "${LIMIT_PROFILE:-60}" "$python" -m benchmarks.profile_gpu --model "$model" --batch "$batch" \
+            --impl fused+cudagraphs timm+cudagraphs "${profile_dev[@]}" --out "$out" --name profile --no-plot ;;
+    profile-train)
+        step profile-train "${LIMIT_PROFILE_TRAIN:-45}" "$python" -m benchmarks.profile_gpu --model "$mae" \
+            --batch "$mae_batch" --train --impl fused+cudagraphs "${profile_dev[@]}" --out "$out" \
+            --name profile-train --no-plot ;;
+    profile-host)  # where an eager-mode MAE training step's time goes (host vs GPU), eager vs fused: session.log
+        profile_args=(--name "$mae" --batch "$mae_batch" --impl eager fused)
+        [ "${SMOKE:-0}" != "0" ] && profile_args+=(--device cpu --mock-kernels --rounds 2 --steps-per-round 1)
+        step profile-host "${LIMIT_PROFILE_HOST:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
     gpu-tests)  # the CUDA lane: tests/test_gpu.py and every kernel sweep on CUDA (bf16 first), over xdist workers
-        step gpu-tests "${LIMIT_GPU_TESTS:-150}" "${pytest[@]}" "${xdist[@]}" tests/test_gpu.py \
+        step gpu-tests "${LIMIT_GPU_TESTS:-130}" "${pytest[@]}" "${xdist[@]}" tests/test_gpu.py \
             tests/test_kernels_fwd.py tests/test_kernels_bwd.py -k "${TESTS_K:-not compile_lane}" ;;
     gpu-tests-rest)  # the rest of tests/ on CUDA: fused models, training, patch, CUDA graphs, dispatch, parity
         step gpu-tests-rest "${LIMIT_GPU_TESTS_REST:-120}" "${pytest[@]}" "${xdist[@]}" tests \
@@ -114,14 +139,13 @@ for name in $steps; do
             --ignore=tests/test_kernels_compile.py -k "${TESTS_K:-not compile_lane}" ;;
     bench-train)
         step bench-train "${LIMIT_BENCH_TRAIN:-190}" "${pytest[@]}" benchmarks/test_bench_train.py "${smoke[@]}" \
-            -k "${TRAIN_K:-eager or (fused and not compile) or official or optim}" --benchmark-json="$out/train.json" ;;
+            -k "${TRAIN_K:-not max-autotune}" --benchmark-json="$out/train.json" ;;
     bench-ops)
         step bench-ops "${LIMIT_BENCH_OPS:-75}" "${pytest[@]}" benchmarks/test_bench_ops.py "${smoke[@]}" \
             -k "(bf16 or fp32) and not flex" --benchmark-json="$out/ops.json" ;;
     bench-models)
-        step bench-models "${LIMIT_BENCH_MODELS:-60}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
-            -k "(hiera_base_224-b256 or hiera_tiny_224-b1) and (eager or (fused and not compile) or official)" \
-            --benchmark-json="$out/models.json" ;;
+        step bench-models "${LIMIT_BENCH_MODELS:-120}" "${pytest[@]}" benchmarks/test_bench_models.py "${smoke[@]}" \
+            -k "$model-b$batch" --benchmark-json="$out/models.json" ;;
     *) echo "=== unknown step $name" | tee -a "$log"; failed=$((failed + 1)) ;;
     esac
 done

@@ -21,8 +21,24 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OP_IMPLS = ("fused", "triton-global", "eager", "official-5d", "flex")
-OUR_MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")  # hiera_fast.bench.MODEL_IMPLS
-MODEL_IMPLS = (*OUR_MODEL_IMPLS, "transformers", "official", "timm", "hiera-optim")
+# implementations are "base[+mode]" (benchmarks/peers.py): columns go base by base, each base's modes in this order
+MODEL_BASES = ("fused", "eager", "timm", "hiera-optim", "transformers", "official", "vit")
+MODES = ("", "compile", "cudagraphs", "max-autotune-no-cudagraphs", "max-autotune")
+HIERA_PEERS = ("timm", "hiera-optim", "transformers", "official")  # the Hiera implementations a user could run
+
+
+def _split(impl: str) -> tuple[str, str]:
+    base, _, mode = impl.partition("+")
+    return base, mode
+
+
+def _model_order(impls: set[str]) -> list[str]:
+    def key(impl):
+        base, mode = _split(impl)
+        return (MODEL_BASES.index(base) if base in MODEL_BASES else len(MODEL_BASES), base,
+                MODES.index(mode) if mode in MODES else len(MODES), mode)
+
+    return sorted(impls, key=key)
 PEAK_TBPS = 3.0  # rows without their own peak_tbps (older results): the H100's
 
 
@@ -77,7 +93,7 @@ def _speedup(a, b) -> str:
 
 # ---------------------------------------------------------------------------------------------- sections
 # op timers, headline first: (extra_info key, prefix of the row's bandwidth figures for that time, what the
-# table's heading says it measured). The figures are hiera_fast.bench.bandwidth's, stored by test_bench_ops.
+# table's heading says it measured). The figures are benchmarks.attention_calls.bandwidth's, stored by test_bench_ops.
 OP_TIMERS = (("graph_ms", "graph_", "GPU time (calls captured in a CUDA graph, no launch cost)"),
              ("median_ms", "", "with launches (`triton.testing.do_bench`; host time where the host is the slower)"))
 
@@ -165,19 +181,24 @@ def throughput_section(rows: list[dict], plots: list, title: str) -> list[str]:
     for r in rows:
         by_group[(r.get("dtype"), r.get("unit"), r.get("mode"))].append(r)
     for (dtype, unit, mode), group in sorted(by_group.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        impls = _ordered({r["impl"] for r in group}, MODEL_IMPLS)
+        impls = _model_order({r["impl"] for r in group})
         cells: dict[str, dict] = defaultdict(dict)
         order = []
         for r in group:
             if r["case"] not in cells:
                 order.append(r["case"])
             cells[r["case"]][r["impl"]] = r
+        ours = [i for i in impls if _split(i)[0] == "fused"]
+        compiled_peers = [i for i in impls if _split(i)[0] in HIERA_PEERS and _split(i)[1]]
+        eager_peers = [i for i in impls if _split(i)[0] in HIERA_PEERS and not _split(i)[1]]
+        vits = [i for i in impls if _split(i)[0] == "vit"]
+        ratios = [(label, group_) for label, group_ in (("best compiled Hiera peer", compiled_peers),
+                                                        ("best eager Hiera peer", eager_peers),
+                                                        ("ViT-B/16 (best)", vits)) if group_]
+        kernel_share = [(f, f.replace("fused", "eager", 1)) for f in ours if f.replace("fused", "eager", 1) in impls]
         header = ["model", "batch"] + [f"{i}: {unit} (peak GiB)" for i in impls]
-        ours = [i for i in OUR_MODEL_IMPLS if i in impls]
-        peers = [i for i in ("official", "transformers", "timm", "hiera-optim") if i in impls]
-        header += [f"best ours vs {p}" for p in peers]
-        if "eager" in impls and "fused" in impls:
-            header.append("fused vs eager")
+        header += [f"best fused vs {label}" for label, _ in ratios]
+        header += [f"{f} vs {e}" for f, e in kernel_share]
         lines = []
         for case in order:
             c = cells[case]
@@ -187,10 +208,12 @@ def throughput_section(rows: list[dict], plots: list, title: str) -> list[str]:
                 r = c.get(i)
                 cell = f"{_num(r.get('items_per_s'))} ({_gib(r.get('peak_memory_bytes'))})" if r else "–"
                 line.append(cell)
-            best = min((c[i]["median_ms"] for i in ours if i in c and c[i].get("median_ms")), default=None)
-            line += [_speedup(best, c.get(p, {}).get("median_ms")) for p in peers]
-            if "eager" in impls and "fused" in impls:
-                line.append(_speedup(c.get("fused", {}).get("median_ms"), c.get("eager", {}).get("median_ms")))
+
+            def best(names):
+                return min((c[i]["median_ms"] for i in names if i in c and c[i].get("median_ms")), default=None)
+
+            line += [_speedup(best(ours), best(group_)) for _, group_ in ratios]
+            line += [_speedup(c.get(f, {}).get("median_ms"), c.get(e, {}).get("median_ms")) for f, e in kernel_share]
             lines.append(line)
         out.append(f"### {title}: {dtype}, {mode}")
         out.append("")

@@ -14,6 +14,8 @@ import torch
 
 from benchmarks.common import measure, record
 from benchmarks.impls import official_5d
+from benchmarks.attention_calls import attention_geometries, bandwidth
+from benchmarks.peers import build_variant
 from hiera_fast import bench, ops
 
 CPU = torch.device("cpu")
@@ -26,7 +28,7 @@ def test_cpu_model(benchmark, impl):
     config = bench.preset_config(MODEL)
     benchmark.group = f"cpu model {MODEL} b{MODEL_BATCH} fp32"
     try:
-        variant = bench.build_variant(MODEL, impl, CPU, torch.float32)
+        variant = build_variant(MODEL, impl, CPU, torch.float32)
     except bench.Unavailable as err:
         pytest.skip(str(err))
     x = bench.make_input(config, MODEL_BATCH, CPU)
@@ -38,7 +40,7 @@ def test_cpu_model(benchmark, impl):
 
 
 @pytest.mark.parametrize("impl", ["eager", "official-5d"])
-@pytest.mark.parametrize("geometry", bench.attention_geometries(OP_MODEL), ids=lambda g: g.id)
+@pytest.mark.parametrize("geometry", attention_geometries(OP_MODEL), ids=lambda g: g.id)
 def test_cpu_op(benchmark, geometry, impl):
     g = geometry
     benchmark.group = f"cpu op {OP_MODEL} b{OP_BATCH} fp32 fwd"
@@ -59,4 +61,4 @@ def test_cpu_op(benchmark, geometry, impl):
            **{"pass": "fwd"})
     ms = measure(benchmark, fn, CPU, rounds=5, warmup_rounds=1, memory=False)
     moved = g.bytes_moved(OP_BATCH, torch.float32)
-    benchmark.extra_info.update(bytes=moved, **bench.bandwidth(moved, ms))
+    benchmark.extra_info.update(bytes=moved, **bandwidth(moved, ms))

@@ -16,7 +16,7 @@ alone (``triton.testing.do_bench_cudagraph``: the calls captured in one CUDA gra
 flushed), the number that says how fast the kernels are; ``graph_error`` says why a call could not be captured.
 ``gb_per_s`` / ``pct_of_peak`` (of ``median_ms``) and ``graph_gb_per_s`` / ``graph_pct_of_peak`` use the
 minimum-traffic bytes model of :mod:`hiera_fast.bench` against the GPU's measured copy bandwidth
-(``bench.peak_bandwidth``).
+(``benchmarks.attention_calls.peak_bandwidth``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import measure, record, smoke_requested
 from benchmarks.impls import flex, flex_module, official_5d
+from benchmarks.attention_calls import AttentionGeometry, attention_geometries, bandwidth, batch_past_l2, peak_bandwidth
 from hiera_fast import bench, ops
 from hiera_fast.config import HieraConfig
 
@@ -36,7 +37,7 @@ IMPLS = ("fused", "triton-global", "eager", "official-5d", "flex")
 PASSES = ("fwd", "fwd+bwd")
 
 
-def _impl(name: str, geometry: bench.AttentionGeometry, device: torch.device):
+def _impl(name: str, geometry: AttentionGeometry, device: torch.device):
     g = geometry
     if name == "fused":
         backend, reason = ops.fused_backend(device)
@@ -77,7 +78,7 @@ def _cases(smoke: bool) -> list:
     cases = []
     for model, (base, cap) in MODELS.items():
         config = HieraConfig.from_preset(model, **(SMOKE_MODELS[model] if smoke else {}))
-        for g in bench.attention_geometries(config):
+        for g in attention_geometries(config):
             short = model.removeprefix("hiera_")
             cases.append(pytest.param((model, g, 1 if smoke else base, 2 if smoke else cap), id=f"{short}-{g.id}"))
     return cases
@@ -97,7 +98,7 @@ def test_attention(benchmark, gpu, case, pass_, dtype, impl):
     model, g, base, cap = case
     dtype = bench.parse_dtype(dtype)
     device = gpu.device
-    batch = base if gpu.smoke else bench.batch_past_l2(g, base, dtype, cap)
+    batch = base if gpu.smoke else batch_past_l2(g, base, dtype, cap)
     fn_impl = _impl(impl, g, device)
     benchmark.group = f"op {model} {bench.dtype_name(dtype)} {pass_}"
     backward = pass_ == "fwd+bwd"
@@ -130,9 +131,9 @@ def test_attention(benchmark, gpu, case, pass_, dtype, impl):
     ms = measure(benchmark, fn, device, rounds=1 if gpu.smoke else 10, warmup_rounds=0 if gpu.smoke else 2,
                  do_bench=True, grad_to_none=[qkv] if backward else None, graph=f"{impl} {pass_}")
     moved = g.bytes_moved(batch, dtype, backward)
-    peak = bench.peak_bandwidth(device)
+    peak = peak_bandwidth(device)
     benchmark.extra_info.update(bytes=moved, tflops=g.flops(batch, backward) / (ms * 1e-3) / 1e12,
-                                floor_ms=moved / peak * 1e3, **bench.bandwidth(moved, ms, peak))
+                                floor_ms=moved / peak * 1e3, **bandwidth(moved, ms, peak))
     graph_ms = benchmark.extra_info.get("graph_ms")
     if graph_ms:
-        benchmark.extra_info.update({f"graph_{k}": v for k, v in bench.bandwidth(moved, graph_ms, peak).items()})
+        benchmark.extra_info.update({f"graph_{k}": v for k, v in bandwidth(moved, graph_ms, peak).items()})

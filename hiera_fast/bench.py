@@ -1,31 +1,28 @@
-"""Timing, throughput and model-building helpers shared by ``hiera-fast bench`` and ``benchmarks/``.
+"""What ``hiera-fast bench`` needs: our model's variants, timed steps, peak memory, the rows' environment.
 
-Timing. On CUDA, :func:`time_ms` is ``triton.testing.do_bench`` (median of ``rep`` ms of runs after ``warmup`` ms,
-L2 flushed before each run; the host's launch cost counts where it exceeds the GPU work), :func:`time_graph_ms` the
-GPU time alone (runs captured in a CUDA graph), and :func:`time_iterations` records a pair of CUDA events around
-each iteration (so a progress bar can tick); on a CPU :func:`time_ms` and :func:`time_iterations` use
-``time.perf_counter``. Peak memory is measured in a separate run, because
-``do_bench`` allocates its own 256 MB L2-flush buffer.
+An implementation is named ``base[+mode]``: ``base`` is ``eager`` (``fused=False``) or ``fused`` here (the benchmark
+suites add the peers: ``benchmarks/peers.py``), ``mode`` a ``torch.compile`` mode (:data:`COMPILE_MODES`:
+``compile`` is the default mode, ``cudagraphs`` ``mode="reduce-overhead"``, ``max-autotune``,
+``max-autotune-no-cudagraphs``), e.g. ``fused+cudagraphs``. Every variant of a preset starts from the same seeded
+weights (:func:`reference_model`).
 
-Bytes model of one attention call (DESIGN.md §5): the least traffic any implementation needs. The forward reads
-qkv ``[B, N, 3C]`` once and writes out ``[B, N / q_stride, C]`` once; the backward reads qkv, out and d_out and
-writes d_qkv (the fused kernel's 4-byte-per-row log-sum-exp is left out). Achieved bandwidth is that byte count
-over the median time, reported next to the fraction of the GPU's measured copy bandwidth (H100 3.0 TB/s, H200
-4.3 TB/s; :func:`peak_bandwidth`).
+Timing: :func:`time_iterations` records a pair of CUDA events around each iteration (a progress bar can tick) and
+reads them after one synchronize; on a CPU ``time.perf_counter``. Peak memory is read in a separate run.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import datetime
 import functools
-import math
+import json
 import os
 import platform
-import re
 import statistics
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,24 +33,33 @@ from torch import nn
 from . import __version__, ops
 from .config import PRESETS, HieraConfig
 
-PEAK_BANDWIDTH = 3.0e12  # bytes/s: H100 copy bandwidth measured for DESIGN.md §5
-# device-to-device copy bandwidth (bytes read + written per second) measured on the GPUs this project is lent
-MEASURED_COPY_BANDWIDTH = {"H200": 4.3e12, "H100": 3.0e12}
-L2_BYTES = 50 * 2**20
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
-MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")
-# torch.compile mode of our compiled variants: "reduce-overhead" captures forward and backward in CUDA graphs
-COMPILE_MODES = {"fused+compile": "default", "fused+cudagraphs": "reduce-overhead"}
-PEER_IMPLS = ("transformers", "official", "timm", "hiera-optim")
+# suffix -> torch.compile mode ("reduce-overhead" captures forward and backward in CUDA graphs)
+COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead", "max-autotune": "max-autotune",
+                 "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+OUR_BASES = ("eager", "fused")
+MODEL_IMPLS = ("eager", "fused", "fused+compile", "fused+cudagraphs")  # what `hiera-fast bench` times
+
+
+def split_impl(impl: str) -> tuple[str, str | None]:
+    """``"timm+max-autotune"`` -> ``("timm", "max-autotune")``; ``"fused"`` -> ``("fused", None)``."""
+    base, plus, mode = impl.partition("+")
+    if plus and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r} in {impl!r}; choose from {', '.join(COMPILE_MODES)}")
+    return base, (mode or None)
 
 
 def uses_cuda_graphs(impl: str) -> bool:
-    """Whether ``impl`` is compiled with ``mode="reduce-overhead"`` (CUDA graphs): its replays allocate from the
-    graphs' pool, so its peak memory is read on the first run."""
-    return COMPILE_MODES.get(impl) == "reduce-overhead"
+    """Whether ``impl`` is compiled with CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``): its replays
+    allocate from the graphs' pool, so its peak memory is read on the first run."""
+    mode = split_impl(impl)[1]
+    return mode is not None and COMPILE_MODES[mode] in ("reduce-overhead", "max-autotune")
+
+
+def is_compiled(impl: str) -> bool:
+    return split_impl(impl)[1] is not None
 
 
 # ---------------------------------------------------------------------------------------------- dtypes, devices
@@ -100,168 +106,10 @@ def environment(device: torch.device | str) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------- attention geometry
-@dataclass(frozen=True)
-class AttentionGeometry:
-    """One attention call of a model: the fused op's arguments minus the batch."""
-
-    tokens: int  # N, rows of qkv
-    dim: int  # C (the block's dim_out); qkv has 3 * C channels
-    num_heads: int
-    q_stride: int
-    window_size: int
-    use_mask_unit_attn: bool
-    where: str = ""  # first block with this geometry, e.g. "stage2.0"
-    calls: int = 1  # blocks of the model with this geometry
-
-    @property
-    def num_windows(self) -> int:
-        return self.tokens // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def tokens_out(self) -> int:
-        return self.tokens // self.q_stride
-
-    @property
-    def q_per_window(self) -> int:
-        return self.tokens_out // self.num_windows
-
-    @property
-    def kv_per_window(self) -> int:
-        return self.tokens // self.num_windows
-
-    @property
-    def label(self) -> str:
-        """e.g. ``stage2.0 3136->784 mask-unit x49 q16/kv64 h2x96``."""
-        kind = f"mask-unit x{self.num_windows}" if self.use_mask_unit_attn else "global"
-        n = f"{self.tokens}->{self.tokens_out}" if self.q_stride > 1 else str(self.tokens)
-        return (f"{self.where} {n} {kind} q{self.q_per_window}/kv{self.kv_per_window} "
-                f"h{self.num_heads}x{self.head_dim}").strip()
-
-    @property
-    def id(self) -> str:
-        """A pytest id: ``n3136-w49-q16kv64-h2d96``."""
-        return (f"n{self.tokens}-w{self.num_windows}-q{self.q_per_window}kv{self.kv_per_window}"
-                f"-h{self.num_heads}d{self.head_dim}")
-
-    def qkv_shape(self, batch: int) -> tuple[int, int, int]:
-        return (batch, self.tokens, 3 * self.dim)
-
-    def bytes_moved(self, batch: int, dtype: torch.dtype, backward: bool = False) -> int:
-        """The minimum traffic (module docstring); ``backward=True`` is forward + backward."""
-        size = torch.tensor([], dtype=dtype).element_size()
-        qkv, out = batch * self.tokens * 3 * self.dim * size, batch * self.tokens_out * self.dim * size
-        fwd = qkv + out
-        return fwd + (2 * qkv + 2 * out if backward else 0)
-
-    def flops(self, batch: int, backward: bool = False) -> float:
-        """Matmul FLOPs: ``QK^T`` and ``PV`` forward; the backward adds ``dV, dP, dQ, dK`` (2.5x the forward with the
-        recomputation of ``QK^T`` counted, as FlashAttention counts it)."""
-        fwd = 4.0 * batch * self.num_heads * self.num_windows * self.q_per_window * self.kv_per_window * self.head_dim
-        return fwd * (3.5 if backward else 1.0)
-
-
-_SCHEDULES: dict[str, tuple[AttentionGeometry, ...]] = {}
-
-
-def _layer_schedule(config: HieraConfig) -> tuple[AttentionGeometry, ...]:
-    key = repr(config)
-    if key not in _SCHEDULES:
-        _SCHEDULES[key] = _read_schedule(config)
-    return _SCHEDULES[key]
-
-
-def _read_schedule(config: HieraConfig) -> tuple[AttentionGeometry, ...]:
-    from .model import HieraEncoder, HieraLayer
-
-    encoder = HieraEncoder(config)  # the real block schedule (lag rule, pooling), read off the modules
-    tokens = math.prod(config.tokens_spatial_shape)
-    out = []
-    for s, stage in enumerate(encoder.stages):
-        for j, layer in enumerate(stage.layers):
-            assert isinstance(layer, HieraLayer)
-            attn = layer.attn
-            out.append(AttentionGeometry(tokens, layer.dim_out, attn.num_heads, attn.query_stride, attn.window_size,
-                                         attn.use_mask_unit_attn, where=f"stage{s + 1}.{j}"))
-            tokens //= attn.query_stride
-    return tuple(out)
-
-
-def attention_geometries(config: HieraConfig | str) -> list[AttentionGeometry]:
-    """The distinct attention calls of a model's encoder, in model order, with how many blocks share each."""
-    if isinstance(config, str):
-        config = HieraConfig.from_preset(config)
-    layers = _layer_schedule(config)
-    distinct: dict[tuple, AttentionGeometry] = {}
-    for g in layers:
-        key = (g.tokens, g.dim, g.num_heads, g.q_stride, g.window_size, g.use_mask_unit_attn)
-        if key in distinct:
-            first = distinct[key]
-            distinct[key] = AttentionGeometry(*key, where=first.where, calls=first.calls + 1)
-        else:
-            distinct[key] = g
-    return list(distinct.values())
-
-
-def batch_past_l2(geometry: AttentionGeometry, base: int, dtype: torch.dtype, cap: int,
-                  min_bytes: int = 4 * L2_BYTES) -> int:
-    """``base``, doubled until one forward call moves at least ``min_bytes`` (well past the 50 MB L2), at most
-    ``cap``."""
-    batch = base
-    while batch < cap and geometry.bytes_moved(batch, dtype) < min_bytes:
-        batch *= 2
-    return min(batch, cap)
-
-
-def peak_bandwidth(device: torch.device | str) -> float:
-    """Bytes/s to compare a kernel with: the measured copy bandwidth of this GPU model (H200 4.3 TB/s, H100 3.0 TB/s),
-    the H100's for any other device. The model is matched as a word: a GH200 is not an H200."""
-    name = device_name(device)
-    return next((bw for key, bw in MEASURED_COPY_BANDWIDTH.items() if re.search(rf"\b{key}\b", name)), PEAK_BANDWIDTH)
-
-
-def bandwidth(bytes_moved: float, ms: float, peak: float = PEAK_BANDWIDTH) -> dict:
-    """``{"gb_per_s", "pct_of_peak", "peak_tbps"}`` for a byte count moved in ``ms`` milliseconds against ``peak``
-    bytes/s (:func:`peak_bandwidth` of the device)."""
-    per_s = bytes_moved / (ms * 1e-3)
-    return {"gb_per_s": per_s / 1e9, "pct_of_peak": 100.0 * per_s / peak, "peak_tbps": peak / 1e12}
-
-
 # ---------------------------------------------------------------------------------------------- timing
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 25, rep: int = 100,
-            grad_to_none: Sequence[torch.Tensor] | None = None, cpu_iters: int = 5) -> float:
-    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA (``warmup``/``rep`` in ms), else the
-    median of ``cpu_iters`` ``perf_counter`` runs after one warm-up run."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        with torch.cuda.device(device):  # its events and L2-flush buffer belong to the current device
-            return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
-    return statistics.median(time_iterations(fn, device, iters=cpu_iters, warmup=1, grad_to_none=grad_to_none))
-
-
-def time_graph_ms(fn: Callable[[], object], device: torch.device | str, *, rep: int = 20,
-                  grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
-    """Median milliseconds of ``fn()`` as GPU time alone: ``triton.testing.do_bench_cudagraph``, which captures many
-    runs of ``fn`` in one CUDA graph and times its replays, so the host's cost of launching (Python, dispatch,
-    autograd) is not in the number. :func:`time_ms` measures with the launches: when the host is slower than the GPU
-    work of a call, that is host time. L2 is not flushed between the captured runs (the op benchmarks size their
-    inputs past L2). CUDA only; raises whatever capture raises for an ``fn`` that cannot be captured."""
-    if torch.device(device).type != "cuda":
-        raise ValueError(f"time_graph_ms needs a CUDA device, got {device}")
-    from triton.testing import do_bench_cudagraph
-
-    with torch.cuda.device(device):  # its side stream and graph belong to the current device
-        return float(do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def time_iterations(fn: Callable[[], object], device: torch.device | str, *, iters: int, warmup: int,
@@ -370,152 +218,89 @@ def reference_state(name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in reference_model(preset_key(name)).state_dict().items()}
 
 
-def _state_for_peer(peer: nn.Module, ours: dict[str, torch.Tensor], config: HieraConfig) -> dict:
-    """Our (transformers-named) weights renamed to an official/timm model's keys, via the key map the loader uses."""
-    from .weights import official_to_transformers_keys
-
-    base = {k.removeprefix("hiera."): v for k, v in ours.items()}
-    names = official_to_transformers_keys({k: k for k in peer.state_dict()}, config)  # ours -> theirs
-    missing = [k for k in names if k not in base]
-    if missing:
-        raise Unavailable(f"weights do not map onto the peer model (e.g. {missing[:3]})")
-    return {theirs: base[k] for k, theirs in names.items()}
-
-
-def _alias_mae_symbols() -> None:
-    """hiera-optim 0.2.1 is written against the FAIR repository's layout: it looks up ``MaskedAutoencoderHiera`` and
-    ``apply_fusion_head`` in ``hiera.hiera`` when it is imported (PyPI's hiera-transformer 0.1.4 defines them in
-    ``hiera.hiera_mae``; without them its adapter matches no model), and its patched forward reads
-    ``model._grad_checkpointing`` (set in :func:`build_variant`)."""
-    import importlib
-
-    module, mae = importlib.import_module("hiera.hiera"), importlib.import_module("hiera.hiera_mae")
-    for name in ("MaskedAutoencoderHiera", "apply_fusion_head"):
-        if not hasattr(module, name) and hasattr(mae, name):
-            setattr(module, name, getattr(mae, name))
-
-
 @dataclass
 class Variant:
-    """A model ready to time: ``forward(x)`` returns a tensor (logits, or the MAE loss); ``loss(x)`` a scalar."""
+    """A model ready to time: ``forward(x)`` returns a tensor (logits, or the MAE loss); ``loss(x)`` a scalar.
+    ``before_step`` runs before each step outside any captured graph (a static-buffer refresh)."""
 
     impl: str
     model: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
     loss: Callable[[torch.Tensor], torch.Tensor]
     note: str = ""
+    before_step: Callable[[], None] | None = None
 
 
-def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None, *,
-                  train: bool = False, mask_ratio: float = 0.6) -> Variant:
-    """Build ``impl`` (one of :data:`MODEL_IMPLS` + :data:`PEER_IMPLS`) of preset ``name`` on ``device`` with the
-    weights of :func:`reference_state`. ``dtype`` casts the weights (inference); None keeps fp32 (training under
-    autocast). Raises :class:`Unavailable` with the reason when the variant cannot run here."""
-    device = torch.device(device)
-    config = preset_config(name)
-    mae, video = is_mae(name), config.spatial_dims == 3
-    state = reference_state(preset_key(name))
+def cross_entropy_on_fixed_labels(num_labels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A classifier's training loss: cross-entropy of fp32 logits against random labels fixed per batch size."""
     labels: dict[tuple, torch.Tensor] = {}
 
-    def ce(logits, x):  # cross-entropy against fixed random labels
+    def loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[0], x.device)
         if key not in labels:
             gen = torch.Generator(x.device).manual_seed(0)
-            labels[key] = torch.randint(0, config.num_labels, (x.shape[0],), device=x.device, generator=gen)
+            labels[key] = torch.randint(0, num_labels, (x.shape[0],), device=x.device, generator=gen)
         return F.cross_entropy(logits.float(), labels[key])
 
-    if impl in MODEL_IMPLS:
-        fused = impl != "eager"
-        if fused:
-            backend, reason = ops.routing.device_backend(device)
-            if backend == "eager":
-                raise Unavailable(f"fused=True would run the eager path here: {reason}")
-        model = copy.deepcopy(reference_model(preset_key(name)))
-        model.fused = fused
-        model = model.to(device=device, dtype=dtype).train(train)
-        module = model
-        if impl in COMPILE_MODES:
-            # a fresh dynamo cache per compiled model: compiles of earlier models count towards dynamo's recompile
-            # limit on the shared forward code, past which it would silently run eager
-            torch._dynamo.reset()
-            module = torch.compile(model, mode=COMPILE_MODES[impl])
-        cuda_graphs = uses_cuda_graphs(impl)
+    return loss
 
-        def run(x):
-            if cuda_graphs:  # each call is a new step: the graphs' outputs of the last one may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            out = module(x)
-            return out.loss if mae else out.logits
 
-        note = "torch.compile(mode='reduce-overhead'): CUDA graphs" if cuda_graphs and device.type == "cuda" else ""
-        return Variant(impl, model, run, run if mae else lambda x: ce(run(x), x), note)
+def compiled_variant(impl: str, model: nn.Module, call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, device: torch.device,
+                     note: str = "", before_step: Callable[[], None] | None = None,
+                     compile_backend: str | None = None) -> Variant:
+    """``impl``'s :class:`Variant` of ``model``: ``call(module, x)`` gives its output; under ``impl``'s compile mode
+    ``module`` is ``torch.compile(model, mode=...)`` (dynamo's cache reset first: compiles of earlier models count
+    towards its recompile limit on shared code, past which it would silently run eager), and each call of a
+    CUDA-graph mode starts a new step (``cudagraph_mark_step_begin``: the graphs' outputs of the last one may be
+    overwritten). ``loss(output, x)`` makes the training loss of a forward's output (None: the output is it).
+    ``compile_backend`` replaces the mode's backend (the suites' CPU smoke runs trace with "eager": no code is
+    generated, and there are no CUDA graphs)."""
+    mode = split_impl(impl)[1]
+    module = model
+    if mode is not None:
+        torch._dynamo.reset()
+        kwargs = {"backend": compile_backend} if compile_backend else {"mode": COMPILE_MODES[mode]}
+        module = torch.compile(model, **kwargs)
+    graphs = uses_cuda_graphs(impl) and not compile_backend
 
-    if impl in ("official", "hiera-optim"):
-        try:
-            with warnings.catch_warnings():  # it imports timm.models.layers (deprecated)
-                warnings.simplefilter("ignore", FutureWarning)
-                import hiera
-        except ImportError as err:
-            raise Unavailable(f"the official package is not installed (pip install hiera-transformer): {err}")
-        ctor = getattr(hiera, preset_key(name), None)
-        if ctor is None:
-            raise Unavailable(f"the official package has no {preset_key(name)}")
-        model = ctor(pretrained=False)
-        model.load_state_dict(_state_for_peer(model, state, config))
-        note = ""
-        if impl == "hiera-optim":
-            _alias_mae_symbols()
-            try:
-                from hiera_optim import optimize
-            except ImportError:
-                raise Unavailable("hiera-optim is not installed (pip install hiera-optim)") from None
-            try:
-                optimize(model, verbose=False)
-                if not hasattr(model, "_grad_checkpointing"):
-                    model._grad_checkpointing = False
-            except Exception as err:  # a peer's failure is a skip with its reason, not a crash of our suite
-                raise Unavailable(f"hiera_optim.optimize failed: {type(err).__name__}: {err}") from None
-            note = "hiera_optim.optimize(official model), two compatibility shims (see hiera_fast.bench)"
-        model = model.to(device=device, dtype=dtype).train(train)
-        if mae:
-            fwd = lambda x: model(x, mask_ratio=mask_ratio)[0]  # noqa: E731
-            return Variant(impl, model, fwd, fwd, note)
-        # the official head applies softmax in eval (a few µs); train mode returns logits
-        return Variant(impl, model, model, lambda x: ce(model(x), x), note)
+    def forward(x):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return call(module, x)
 
-    if impl == "transformers":
-        try:
-            import transformers
-        except ImportError as err:
-            raise Unavailable(f"transformers is not installed: {err}")
-        if video:
-            raise Unavailable("transformers' Hiera has no video model")
-        tconfig = transformers.HieraConfig.from_dict(config.to_dict())
-        model = (transformers.HieraForPreTraining if mae else transformers.HieraForImageClassification)(tconfig)
-        model.load_state_dict(state)
-        model = model.to(device=device, dtype=dtype).train(train)
-        if mae:
-            fwd = lambda x: model(pixel_values=x).loss  # noqa: E731
-            return Variant(impl, model, fwd, fwd)
-        fwd = lambda x: model(pixel_values=x).logits  # noqa: E731
-        return Variant(impl, model, fwd, lambda x: ce(fwd(x), x))
+    if graphs and device.type == "cuda":
+        note = "; ".join(filter(None, [note, f"torch.compile(mode={COMPILE_MODES[mode]!r}): CUDA graphs"]))
+    step_loss = forward if loss is None else (lambda x: loss(forward(x), x))
+    return Variant(impl, model, forward, step_loss, note, before_step)
 
-    if impl == "timm":
-        try:
-            import timm
-        except ImportError as err:
-            raise Unavailable(f"timm is not installed: {err}")
-        if mae or video:
-            raise Unavailable("timm's Hiera has image classifiers only (no MAE, no video)")
-        try:
-            model = timm.create_model(preset_key(name), pretrained=False, num_classes=config.num_labels)
-        except RuntimeError as err:  # unknown model name in this timm version
-            raise Unavailable(f"timm has no {preset_key(name)}: {err}")
-        model.load_state_dict(_state_for_peer(model, state, config))
-        model = model.to(device=device, dtype=dtype).train(train)
-        return Variant(impl, model, model, lambda x: ce(model(x), x))
 
-    raise ValueError(f"unknown implementation {impl!r}; choose from {MODEL_IMPLS + PEER_IMPLS}")
+def build_variant(name: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None, *,
+                  train: bool = False, compile_backend: str | None = None) -> Variant:
+    """Our model of preset ``name`` as ``impl`` (``eager`` or ``fused``, optionally ``+mode``) on ``device`` with
+    the weights of :func:`reference_model`. ``dtype`` casts the weights (inference); None keeps fp32 (training under
+    autocast). Raises :class:`Unavailable` when the variant cannot run here (``fused`` where the kernels cannot)."""
+    device = torch.device(device)
+    base, _ = split_impl(impl)
+    if base not in OUR_BASES:
+        raise ValueError(f"unknown implementation {impl!r}: ours are {' / '.join(OUR_BASES)} (+ a compile mode: "
+                         f"{', '.join(COMPILE_MODES)}); the benchmark suites add the peers (benchmarks/peers.py)")
+    fused = base == "fused"
+    if fused:
+        backend, reason = ops.routing.device_backend(device)
+        if backend == "eager":
+            raise Unavailable(f"fused=True would run the eager path here: {reason}")
+    model = copy.deepcopy(reference_model(preset_key(name)))
+    model.fused = fused
+    model = model.to(device=device, dtype=dtype).train(train)
+    mae = is_mae(name)
+
+    def call(module, x):
+        out = module(x)
+        return out.loss if mae else out.logits
+
+    loss = None if mae else cross_entropy_on_fixed_labels(model.config.num_labels)
+    return compiled_variant(impl, model, call, loss, device, compile_backend=compile_backend)
 
 
 def make_input(config: HieraConfig, batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32,
@@ -527,6 +312,8 @@ def make_input(config: HieraConfig, batch: int, device: torch.device | str, dtyp
 
 def inference_step(variant: Variant, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     def step():
+        if variant.before_step is not None:
+            variant.before_step()
         with torch.no_grad():
             return variant.forward(x)
 
@@ -541,6 +328,8 @@ def train_step(variant: Variant, x: torch.Tensor, dtype: torch.dtype) -> Callabl
     autocast = dtype != torch.float32
 
     def step():
+        if variant.before_step is not None:
+            variant.before_step()
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             loss = variant.loss(x)
         loss.backward()
@@ -562,3 +351,115 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.1f}" if x >= 100 else f"{x:.3g}"
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``hiera-fast bench``: a table (or ``--json`` rows) of images/s and peak memory per variant."""
+    from .cli import PROG, UsageError, device_for_run, parse_dtypes, preset_name
+
+    device = device_for_run()
+    cuda = device.type == "cuda"
+    name = preset_name(args.model)
+    config = preset_config(name)
+    notes = []
+    for flag, what in (("compile", "torch.compile"), ("cudagraphs", "torch.compile(mode='reduce-overhead')")):
+        if getattr(args, flag) and not cuda:
+            raise UsageError(f"--{flag} benchmarks the fused model under {what}, which needs CUDA (no CUDA device "
+                             "here)")
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.iters < 1 or args.warmup < 0:
+        raise UsageError("--iters must be >= 1 and --warmup >= 0")
+    dtype = parse_dtypes(args.dtype or ("bf16" if cuda else "fp32"))
+    if len(dtype) != 1:
+        raise UsageError("bench takes one --dtype")
+    dtype = dtype[0]
+    batch = args.batch or (64 if cuda else 1)
+    impls = ["eager"]
+    if cuda:
+        impls += ["fused"] + ["fused+compile"] * args.compile + ["fused+cudagraphs"] * args.cudagraphs
+    else:
+        notes.append("no CUDA device: no fused variant is timed, only the eager model; fused numbers need CUDA (on a "
+                     "CPU the Triton kernels run only under Triton's interpreter, which is far too slow to time)")
+        if args.dtype is None:
+            notes.append("float32 on the CPU (bf16 there is slow and is not what the kernels target); pass --dtype to "
+                         "change")
+        elif dtype != torch.float32:
+            notes.append(f"{dtype_name(dtype)} on a CPU is slow; these numbers say little about a GPU")
+    mode = "train" if args.train else "inference"
+    unit = item_unit(config)
+    env = environment(device)
+    x = make_input(config, batch, device, torch.float32 if args.train else dtype)
+    if not args.json:
+        how = " (forward + backward + AdamW" + (", autocast)" if dtype != torch.float32 else ")")
+        print(f"{PROG} bench: {name}, batch {batch}, {dtype_name(dtype)}, {mode}"
+              f"{how if args.train else ''}, on {env['device']} "
+              f"(torch {env['torch']}, triton {env['triton']})")
+        for note in notes:
+            print(f"note: {note}")
+    else:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    rows = []
+    for impl in impls:
+        row = {"model": name, "variant": impl, "mode": mode, "batch": batch, "dtype": dtype_name(dtype),
+               "shape": list(x.shape), **env}
+        warmup = max(args.warmup, 2) if is_compiled(impl) else args.warmup  # the first call compiles
+        graphs = uses_cuda_graphs(impl)  # peak memory from the first run: replays allocate from the graphs' pool
+        try:
+            variant = build_variant(name, impl, device, None if args.train else dtype, train=args.train)
+            step = train_step(variant, x, dtype) if args.train else inference_step(variant, x)
+            first_peak = peak_memory(step, device) if graphs else None  # the compiling call, before timing
+            with _progress(warmup + args.iters, impl, enabled=not args.no_progress) as bar:
+                times = time_iterations(step, device, iters=args.iters, warmup=warmup,
+                                              on_step=(lambda: bar.update(1)) if bar is not None else None)
+            ms = statistics.median(times)
+            row.update(ms_per_iter=ms, ms_min=min(times), ms_max=max(times), iters=len(times),
+                       items_per_s=batch / (ms * 1e-3), unit=unit,
+                       peak_memory_bytes=first_peak if graphs else peak_memory(step, device),
+                       note=variant.note)
+            del variant, step
+        except Unavailable as err:
+            row.update(skipped=str(err))
+        except torch.OutOfMemoryError:
+            row.update(error=f"out of memory at batch {batch}")
+        free_memory()
+        rows.append(row)
+    eager = next((r for r in rows if r["variant"] == "eager" and "ms_per_iter" in r), None)
+    for r in rows:
+        if eager and "ms_per_iter" in r:
+            r["speedup_vs_eager"] = eager["ms_per_iter"] / r["ms_per_iter"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print()
+    header = f"{'variant':<14} {'ms/iter':>9} {unit:>11} {'vs eager':>9} {'peak mem':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "ms_per_iter" not in r:
+            print(f"{r['variant']:<14} {'-':>9} {'-':>11} {'-':>9} {'-':>10}  ({r.get('skipped') or r.get('error')})")
+            continue
+        mem = r["peak_memory_bytes"]
+        mem = f"{mem / 2**30:.2f} GiB" if mem is not None else "n/a"
+        print(f"{r['variant']:<14} {r['ms_per_iter']:>9.2f} {_fmt_rate(r['items_per_s']):>11} "
+              f"{r.get('speedup_vs_eager', 1.0):>8.2f}x {mem:>10}" + (f"  ({r['note']})" if r.get("note") else ""))
+    print(f"\nmedian of {args.iters} iterations after {args.warmup} warm-up; "
+          + ("CUDA-event timing, peak memory = torch.cuda.max_memory_allocated over one more iteration"
+             if cuda else "perf_counter timing; no peak memory on a CPU"))
+    return 0
+
+

@@ -12,7 +12,6 @@ the same step of the eager model on the whole batch.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 

@@ -1,5 +1,7 @@
-"""``hiera_fast.bench.build_variant``'s compiled variants: the torch.compile mode each one asks for, and the CUDA-graph
-step marker before every call (without it a CUDA-graph replay may overwrite the last step's outputs)."""
+"""The benchmark implementations (``hiera_fast.bench`` for ours, ``benchmarks/peers.py`` for the peers): the
+torch.compile mode each ``base+mode`` asks for, the CUDA-graph step marker before every call (without it a CUDA-graph
+replay may overwrite the last step's outputs), hiera-optim's static buffers refreshed outside the graphs, and the
+rows' bookkeeping (interrupted or failed cases, recompiles, GPU timing, the profile's host accounting)."""
 
 from __future__ import annotations
 
@@ -13,36 +15,84 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import peers
+from benchmarks.attention_calls import bandwidth, peak_bandwidth
 from hiera_fast import bench, ops
 
 
 @pytest.mark.skipif(ops.fused_backend("cpu")[0] == "eager", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
-@pytest.mark.parametrize("impl, mode, marks_steps", [("fused+compile", "default", False),
-                                                     ("fused+cudagraphs", "reduce-overhead", True)])
+@pytest.mark.parametrize("impl, mode, marks_steps", [
+    ("fused+compile", "default", False), ("fused+cudagraphs", "reduce-overhead", True),
+    ("eager+cudagraphs", "reduce-overhead", True), ("fused+max-autotune", "max-autotune", True),
+    ("timm+compile", "default", False), ("timm+max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", False),
+    ("transformers+compile", "default", False), ("vit+cudagraphs", "reduce-overhead", True)])
 def test_compiled_variants(monkeypatch, impl, mode, marks_steps):
     compiled, steps = [], []
 
     def fake_compile(model, mode=None, **kwargs):
         compiled.append((model, mode))
-        return lambda x: types.SimpleNamespace(logits=torch.full((x.shape[0], 1000), 2.0), loss=torch.tensor(5.0))
+
+        def call(x=None, **kwargs):
+            x = kwargs.get("pixel_values", x)
+            return types.SimpleNamespace(logits=torch.full((x.shape[0], 1000), 2.0), loss=torch.tensor(5.0))
+
+        return lambda *args, **kwargs: (call(*args, **kwargs) if not isinstance(model, torch.nn.Module) or
+                                        hasattr(model, "config") else torch.full((args[0].shape[0], 1000), 2.0))
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
-    variant = bench.build_variant("hiera_tiny_224", impl, "cpu", torch.float32)
+    variant = peers.build_variant("hiera_tiny_224", impl, "cpu", torch.float32)
     assert len(compiled) == 1 and compiled[0][0] is variant.model and compiled[0][1] == mode
-    assert variant.model.fused
+    assert bench.is_compiled(impl) and bench.uses_cuda_graphs(impl) == marks_steps
+    if impl.startswith("fused"):
+        assert variant.model.fused
     x = torch.zeros(2, 3, 8, 8)
     assert torch.equal(variant.forward(x), torch.full((2, 1000), 2.0))
     variant.loss(x)
     assert len(steps) == (2 if marks_steps else 0)
-    mae = bench.build_variant("mae_hiera_tiny_224", impl, "cpu", torch.float32)
-    assert mae.forward(x).item() == 5.0 and compiled[-1][1] == mode
+    if impl.split("+")[0] in ("fused", "eager"):
+        mae = peers.build_variant("mae_hiera_tiny_224", impl, "cpu", torch.float32)
+        assert mae.forward(x).item() == 5.0 and compiled[-1][1] == mode
 
 
-def test_every_model_impl_builds_or_says_why():
-    assert set(bench.COMPILE_MODES) <= set(bench.MODEL_IMPLS)
-    with pytest.raises(ValueError, match="unknown implementation"):
+def test_every_impl_builds_or_says_why():
+    with pytest.raises(ValueError, match="unknown compile mode"):
         bench.build_variant("hiera_tiny_224", "fused+jit", "cpu")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        peers.build_variant("hiera_tiny_224", "flash", "cpu")
+    with pytest.raises(ValueError, match="ours are eager / fused"):
+        bench.build_variant("hiera_tiny_224", "timm", "cpu")  # the library holds ours only
+    with pytest.raises(bench.Unavailable, match="timm's Hiera has image classifiers only"):
+        peers.build_variant("mae_hiera_tiny_224", "timm+compile", "cpu")
+    with pytest.raises(bench.Unavailable, match="224"):
+        peers.build_variant("hiera_base_16x224", "vit", "cpu")
+
+
+def test_hiera_optim_graph_safe_refreshes_its_masks_outside_the_graphs(monkeypatch):
+    """hiera-optim's best mode (graph_safe=True under reduce-overhead) gets its static mask buffers, refreshed before
+    each step (outside any captured graph), and passed to every call."""
+    hiera_optim = pytest.importorskip("hiera_optim", reason="hiera-optim is not installed (pip install hiera-optim)")
+    calls, refreshes, optimized = [], [], []
+
+    class FakeInputs:
+        def __init__(self, model, batch_size, **kwargs):
+            self.mask, self.keep_idx = torch.ones(batch_size, 4, dtype=torch.bool), torch.zeros(batch_size, 2)
+
+        def refresh_mask(self):
+            refreshes.append(1)
+
+    monkeypatch.setattr(hiera_optim, "optimize", lambda model, **kw: optimized.append(kw))
+    monkeypatch.setattr(hiera_optim, "MAEStepInputs", FakeInputs)
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: lambda x, **kw: calls.append((mode, kw)) or [
+        torch.tensor(1.0)])
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    variant = peers.build_variant("mae_hiera_tiny_224", "hiera-optim+cudagraphs", "cpu", None, train=True)
+    assert optimized == [{"verbose": False, "graph_safe": True}]
+    x = torch.zeros(2, 3, 224, 224)
+    variant.loss(x)
+    variant.before_step()
+    assert refreshes == [1] and calls[0][0] == "reduce-overhead"
+    assert set(calls[0][1]) == {"mask_ratio", "mask", "keep_idx"}
 
 
 @pytest.mark.parametrize("name, tbps", [("NVIDIA H200", 4.3), ("NVIDIA H100 80GB HBM3", 3.0), ("NVIDIA A100", 3.0),
@@ -50,8 +100,8 @@ def test_every_model_impl_builds_or_says_why():
 def test_peak_bandwidth_follows_the_gpu(monkeypatch, name, tbps):
     """% of peak is against the GPU that ran (an H200 has ~1.4x an H100's bandwidth), H100's for unknown ones."""
     monkeypatch.setattr(bench, "device_name", lambda device: name)
-    assert bench.peak_bandwidth("cuda") == tbps * 1e12
-    row = bench.bandwidth(tbps * 1e12 / 2 * 1e-3, 1.0, bench.peak_bandwidth("cuda"))  # half the peak for 1 ms
+    assert peak_bandwidth("cuda") == tbps * 1e12
+    row = bandwidth(tbps * 1e12 / 2 * 1e-3, 1.0, peak_bandwidth("cuda"))  # half the peak for 1 ms
     assert row["pct_of_peak"] == pytest.approx(50.0) and row["peak_tbps"] == tbps
 
 
@@ -158,8 +208,8 @@ def test_graph_timing_records_the_root_cause_and_stops_after_a_failed_capture(mo
     def capturable():
         return None
 
-    monkeypatch.setattr(common.bench, "time_ms", lambda fn, device, grad_to_none=None: 1.0)
-    monkeypatch.setattr(common.bench, "time_graph_ms", time_graph_ms)
+    monkeypatch.setattr(common, "time_ms", lambda fn, device, grad_to_none=None: 1.0)
+    monkeypatch.setattr(common, "time_graph_ms", time_graph_ms)
     monkeypatch.setattr(common.bench, "synchronize", lambda device: None)
     monkeypatch.setattr(common, "_GRAPH_FAILED", {})
     cuda = torch.device("cuda")
@@ -204,6 +254,7 @@ def test_gpu_session_stops_when_the_fused_kernels_cannot_run(tmp_path, install_o
 def test_do_bench_rows_run_one_pedantic_round_and_report_one_timer(monkeypatch):
     """On CUDA an op row's time is do_bench's: pytest-benchmark's rounds there were thrown away (10 more runs per case
     in a time-limited session), and their minimum was recorded next to do_bench's median as if one timer gave both."""
+    from benchmarks import common
     from benchmarks.common import measure
 
     class FakeBenchmark:
@@ -216,7 +267,7 @@ def test_do_bench_rows_run_one_pedantic_round_and_report_one_timer(monkeypatch):
                 target()
 
     monkeypatch.setattr(bench, "synchronize", lambda device: None)
-    monkeypatch.setattr(bench, "time_ms", lambda fn, device, grad_to_none=None: 0.25)
+    monkeypatch.setattr(common, "time_ms", lambda fn, device, grad_to_none=None: 0.25)
     row = FakeBenchmark()
     assert measure(row, lambda: None, torch.device("cuda"), rounds=10, warmup_rounds=2, do_bench=True,
                    memory=False) == 0.25
@@ -294,3 +345,44 @@ def test_profile_train_counts_host_time_and_restores_ops():
     assert all(seconds > 0 for _, seconds in totals.values())
     assert [getattr(owner, name) for owner, name in places] == before
     assert (routing.attention_fwd, routing.attention_bwd, routing.max_pool, routing.device_backend) == kernels
+
+
+def test_compiled_peer_rows_run_in_the_smoke_suite(tmp_path):
+    """The compiled peers' rows (timm / transformers / ViT-B / hiera-optim's graph-safe mode, our fused=False model)
+    run end to end in the model and training suites at toy sizes on this device (``--bench-smoke``: on a CPU dynamo
+    traces them with its "eager" backend) and land in the JSON."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "smoke.json"
+    rows = "timm+cudagraphs or vit+compile or transformers+compile or eager+cudagraphs or hiera-optim+cudagraphs"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--bench-smoke",
+                           "benchmarks/test_bench_models.py", "benchmarks/test_bench_train.py", "-k", rows,
+                           f"--benchmark-json={out}"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    impls = {b["extra_info"]["impl"] for b in json.loads(out.read_text())["benchmarks"]}
+    expected = {"timm+cudagraphs", "vit+compile", "transformers+compile", "eager+cudagraphs"}
+    if peers.importlib.util.find_spec("hiera_optim") is not None:
+        expected.add("hiera-optim+cudagraphs")
+    assert expected <= impls, (impls, proc.stdout[-2000:])
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("_mask_unit_attn_fwd_kernel", "attention"), ("flash_fwd_kernel", "attention"), ("fmha_cutlassF_bf16", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"), ("triton_tem_fused_addmm_0", "gemm"), ("aten::addmm", "gemm"),
+    ("cutlass_80_tensorop_bf16_s16816gemm", "gemm"), ("triton_poi_fused_add_gelu_1", "norm/elementwise"),
+    ("triton_red_fused_native_layer_norm_2", "norm/elementwise"), ("multi_tensor_apply_kernel", "optimizer"),
+    ("cudnn::conv2d_fprop", "conv"), ("aten::copy_", "copy"), ("unknown_kernel_x", "other")])
+def test_profile_kinds_from_kernel_names(name, kind):
+    from benchmarks.profile_gpu import kind_of
+
+    assert kind_of(name) == kind
+
+
+def test_profile_runs_on_a_cpu(tmp_path, capsys):
+    """benchmarks/profile_gpu's code path on a CPU (CPU self time by aten op, an eager run split by stage): the
+    markdown table beside the roofline and the file it writes."""
+    from benchmarks import profile_gpu
+
+    assert profile_gpu.main(["--model", "hiera_tiny_224", "--batch", "1", "--impl", "eager", "--device", "cpu",
+                             "--steps", "1", "--out", str(tmp_path), "--no-plot"]) == 0
+    text = (tmp_path / "profile.md").read_text()
+    assert "| gemm |" in text and "roofline floor" in text and "forward by stage" in text and "| stage3 |" in text

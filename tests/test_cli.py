@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hiera_fast import bench, cli, ops
+from hiera_fast import bench, check, cli, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -80,10 +80,10 @@ def test_judge_rule():
     base = {"dtype": torch.float32, "eager_out": 1e-6, "fused_out": 1e-6,
             "eager_grads": {"w": 1e-6}, "fused_grads": {"w": 1e-6}, "fallbacks": [],
             "launches": {"mask_unit_attention_fwd": 2}, "expected": {"mask_unit_attention_fwd": 2}}
-    assert cli._judge(dict(base))["ok"]
-    assert not cli._judge({**base, "fused_out": 1e-3})["ok"]
-    assert not cli._judge({**base, "fused_grads": {"w": float("nan")}})["ok"]
-    assert not cli._judge({**base, "launches": {"mask_unit_attention_fwd": 0}})["ok"]
+    assert check._judge(dict(base))["ok"]
+    assert not check._judge({**base, "fused_out": 1e-3})["ok"]
+    assert not check._judge({**base, "fused_grads": {"w": float("nan")}})["ok"]
+    assert not check._judge({**base, "launches": {"mask_unit_attention_fwd": 0}})["ok"]
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU table (eager only)")
@@ -185,8 +185,10 @@ def test_report_op_tables_per_timer(tmp_path):
                where="stage1.0", floor_ms=0.206, case="hiera_base_224 stage1.0", bytes=600e6,
                **{"pass": "fwd+bwd"})
 
-    def bandwidth(ms, prefix=""):  # as test_bench_ops stores them (hiera_fast.bench.bandwidth, 600 MB at 3 TB/s)
-        return {f"{prefix}{k}": v for k, v in bench.bandwidth(600e6, ms, 3.0e12).items()}
+    from benchmarks.attention_calls import bandwidth as row_bandwidth
+
+    def bandwidth(ms, prefix=""):  # as test_bench_ops stores them (attention_calls.bandwidth, 600 MB at 3 TB/s)
+        return {f"{prefix}{k}": v for k, v in row_bandwidth(600e6, ms, 3.0e12).items()}
 
     rows = [_row("op", "fused", 0.9, graph_ms=0.3, **bandwidth(0.9), **bandwidth(0.3, "graph_"), **geo),
             _row("op", "eager", 3.0, graph_ms=1.2, **bandwidth(3.0), **bandwidth(1.2, "graph_"), **geo),
