@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import ops
+from . import inputs, losses, ops
 from .config import HieraConfig
 from .outputs import BackboneOutput, HieraForImageClassificationOutput, HieraForPreTrainingOutput, HieraModelOutput
 from .unroll import gather_windows, reroll, scatter_windows, undo_windowing, unroll
@@ -330,125 +330,6 @@ class HieraPreTrainedModel(PretrainedMixin, nn.Module):
                 nn.init.trunc_normal_(p, std=std)
 
 
-def _check_pixels(config: HieraConfig, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None,
-                  dtype: torch.dtype) -> tuple:
-    """Validate the input (``dtype``: the model's; ``interpolate_pos_encoding=None``: the model runs only at
-    ``config.image_size``) and return its token grid."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-    if not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
-    if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
-        raise TypeError(f"pixel_values is {pixel_values.dtype} but the model is {dtype}: convert one to the other "
-                        "(or run under torch.autocast)")
-    dims = config.spatial_dims
-    layout = "[B, C, H, W]" if dims == 2 else "[B, C, T, H, W]"
-    if pixel_values.dim() != dims + 2:
-        raise ValueError(f"pixel_values must be {layout} (rank {dims + 2}), got shape {tuple(pixel_values.shape)}")
-    if pixel_values.shape[1] != config.num_channels:
-        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the config expects {config.num_channels}")
-    size = tuple(pixel_values.shape[2:])
-    if size != config.image_size and not interpolate_pos_encoding:
-        hint = ("pass interpolate_pos_encoding=True to run at another size" if interpolate_pos_encoding is not None
-                else "this model runs only at config.image_size (its decoder position embedding is fixed)")
-        raise ValueError(f"pixel_values spatial size {size} differs from config.image_size {config.image_size}; "
-                         + hint)
-    unrolls = len(config.depths) - 1
-    for i, (n, s, q) in enumerate(zip(size, config.patch_stride, config.query_stride)):
-        if n % (s * q**unrolls):
-            raise ValueError(f"pixel_values size {size}: dim {i} must be a multiple of patch_stride * "
-                             f"query_stride**{unrolls} = {s * q**unrolls} (the unroll)")
-    return tuple(n // s for n, s in zip(size, config.patch_stride))
-
-
-def _check_masking(config: HieraConfig, who: str) -> None:
-    if not config.supports_masking:
-        unit = tuple(q ** (len(config.depths) - 1) for q in config.query_stride)
-        raise ValueError(f"{who} needs HieraConfig.masked_unit_size == query_stride**(len(depths) - 1) = {unit}, got "
-                         f"{config.masked_unit_size}: only then is mask unit w the w-th window of the unrolled layout "
-                         "(see HieraConfig.supports_masking)")
-
-
-def _check_mask(bool_masked_pos, batch: int, num_windows: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(bool_masked_pos, torch.Tensor):
-        raise TypeError(f"bool_masked_pos must be a torch.Tensor, got {type(bool_masked_pos).__name__}")
-    if bool_masked_pos.shape != (batch, num_windows):
-        raise ValueError(f"bool_masked_pos must be [B, #mask units] = {(batch, num_windows)}, "
-                         f"got {tuple(bool_masked_pos.shape)}")
-    if bool_masked_pos.device != device:
-        raise ValueError(f"bool_masked_pos must be on pixel_values' device ({device}), got {bool_masked_pos.device}")
-    return bool_masked_pos.bool()
-
-
-def _check_keep_ids(keep_ids, batch: int, num_windows: int, device: torch.device) -> None:
-    if not isinstance(keep_ids, torch.Tensor):
-        raise TypeError(f"keep_ids must be a torch.Tensor, got {type(keep_ids).__name__}")
-    if keep_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"keep_ids must be an integer tensor (window ids), got {keep_ids.dtype}")
-    if keep_ids.dim() != 2 or keep_ids.shape[0] != batch or not 1 <= keep_ids.shape[1] <= num_windows:
-        raise ValueError(f"keep_ids must be [B, K] with B = {batch} and 1 <= K <= {num_windows} (the mask units), "
-                         f"got {tuple(keep_ids.shape)}")
-    if keep_ids.device != device:
-        raise ValueError(f"keep_ids must be on pixel_values' device ({device}), got {keep_ids.device}")
-
-
-def _num_keep(config: HieraConfig, num_windows: int) -> int:
-    """The number of mask units the MAE keeps visible (transformers' ``len_keep``)."""
-    len_keep = int(num_windows * (1 - config.mask_ratio))
-    if len_keep < 1:
-        raise ValueError(f"mask_ratio {config.mask_ratio} keeps no window out of {num_windows}")
-    return len_keep
-
-
-def _random_masking(config: HieraConfig, batch: int, num_windows: int, noise: torch.Tensor | None, device):
-    """transformers' ``random_masking``: keep the ``len_keep`` windows with the smallest noise.
-
-    Returns ``(bool_masked_pos [B, #MUs] True = visible, ids_restore [B, #MUs], keep_ids [B, len_keep] ascending)``.
-    """
-    len_keep = _num_keep(config, num_windows)
-    if noise is None:
-        noise = torch.rand(batch, num_windows, device=device)
-    elif not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    elif not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-    elif noise.shape != (batch, num_windows):
-        raise ValueError(f"noise must be [batch, num_mask_units] = {(batch, num_windows)}, got {tuple(noise.shape)}")
-    elif noise.device != torch.device(device):
-        raise ValueError(f"noise must be on pixel_values' device ({device}), got {noise.device}")
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    keep = torch.zeros(batch, num_windows, device=device)
-    keep[:, :len_keep] = 1
-    keep = torch.gather(keep, 1, ids_restore).bool()
-    keep_ids = ids_shuffle[:, :len_keep].sort(dim=1).values
-    return keep, ids_restore, keep_ids
-
-
-def _keep_ids_from_mask(mask: torch.Tensor, num_keep: int | None = None) -> torch.Tensor:
-    """Ascending visible-window indices ``[B, K]`` of a keep-mask ``[B, #MUs]``; every row must keep K.
-
-    Given ``num_keep`` (K known beforehand), the shape does not depend on the mask's values and the mask is checked
-    only in eager mode, so ``torch.compile(fullgraph=True)`` traces it. Without it, K is read from the mask: a host
-    sync that torch.compile cannot trace.
-    """
-    compiling = torch.compiler.is_compiling()
-    if num_keep is None:
-        unreadable = {"under torch.compile": compiling, "on the meta device (no values)": mask.device.type == "meta",
-                      "for an empty batch": mask.shape[0] == 0}
-        for why, applies in unreadable.items():
-            if applies:
-                raise ValueError(f"the number of visible mask units of bool_masked_pos is read from its values: {why} "
-                                 "pass keep_ids= too")
-        num_keep = int(mask[0].sum())
-    if not compiling and mask.device.type != "meta":
-        counts = mask.sum(1)
-        if num_keep == 0 or not bool((counts == num_keep).all()):
-            raise ValueError(f"bool_masked_pos must keep the same, non-zero number of mask units in every sample "
-                             f"({num_keep} expected), got {counts.tolist()}")
-    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :num_keep]
-
-
 def stage_geometry(config: HieraConfig, tokens: Sequence[int], stage: int) -> tuple[list[int], list]:
     """Token grid and remaining unroll schedule of stage ``stage``'s output (0-based; the stem is stage 0 too)."""
     pools = min(stage, config.num_query_pool)
@@ -475,7 +356,7 @@ class HieraModel(HieraPreTrainedModel):
                  is_mae: bool = False):
         super().__init__()
         if is_mae:
-            _check_masking(config, "HieraModel(is_mae=True)")
+            inputs.check_masking(config, "HieraModel(is_mae=True)")
         self.config, self.is_mae = config, is_mae
         self.embeddings = HieraEmbeddings(config)
         self.encoder = HieraEncoder(config)
@@ -497,7 +378,7 @@ class HieraModel(HieraPreTrainedModel):
         sync that stalls a GPU training loop) unless ``check_keep_ids=False`` (for ids made from that mask, as
         HieraForPreTraining does)."""
         config = self.config
-        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
+        tokens = inputs.check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
         mask_shape = [t // mu for t, mu in zip(tokens, config.masked_unit_size)]
         num_windows, B = math.prod(mask_shape), pixel_values.shape[0]
         ids_restore = None
@@ -508,15 +389,15 @@ class HieraModel(HieraPreTrainedModel):
         if noise is not None and bool_masked_pos is not None:
             raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         if bool_masked_pos is not None:
-            _check_masking(config, "bool_masked_pos")
-            bool_masked_pos = _check_mask(bool_masked_pos, B, num_windows, pixel_values.device)
+            inputs.check_masking(config, "bool_masked_pos")
+            bool_masked_pos = inputs.check_mask(bool_masked_pos, B, num_windows, pixel_values.device)
             if keep_ids is None:
-                keep_ids = _keep_ids_from_mask(bool_masked_pos)
+                keep_ids = inputs.keep_ids_from_mask(bool_masked_pos)
             else:
-                _check_keep_ids(keep_ids, B, num_windows, pixel_values.device)
+                inputs.check_keep_ids(keep_ids, B, num_windows, pixel_values.device)
                 keep_ids = keep_ids.long()
                 if (check_keep_ids and not torch.compiler.is_compiling() and pixel_values.device.type != "meta"
-                        and not torch.equal(keep_ids, _keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1]))):
+                        and not torch.equal(keep_ids, inputs.keep_ids_from_mask(bool_masked_pos, keep_ids.shape[-1]))):
                     raise ValueError("keep_ids must be the ascending visible-unit ids of bool_masked_pos")
         elif self.is_mae:
             bool_masked_pos, ids_restore, keep_ids = self.random_masking(B, num_windows, noise, pixel_values.device)
@@ -540,7 +421,7 @@ class HieraModel(HieraPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def random_masking(self, batch: int, num_windows: int, noise: torch.Tensor | None, device):
-        return _random_masking(self.config, batch, num_windows, noise, device)
+        return inputs.random_masking(self.config, batch, num_windows, noise, device)
 
     def reroll(self, x: torch.Tensor, stage: int, tokens: Sequence[int], masked: bool = False) -> torch.Tensor:
         """Stage ``stage``'s unrolled output → ``[B, *spatial, C]`` (masked: ``[B, #kept, *mu_shape, C]``)."""
@@ -564,76 +445,13 @@ class HieraForImageClassification(HieraPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, interpolate_pos_encoding: bool = False, return_dict: bool = True):
         if labels is not None:
-            _check_labels(labels, pixel_values.shape[0], self.config)
+            inputs.check_labels(labels, pixel_values.shape[0], self.config)
         outputs = self.hiera(pixel_values, output_hidden_states=output_hidden_states,
                              interpolate_pos_encoding=interpolate_pos_encoding)
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else _classification_loss(logits, labels, self.config)
+        loss = None if labels is None else losses.classification_loss(logits, labels, self.config)
         out = HieraForImageClassificationOutput(loss, logits, outputs.hidden_states, outputs.reshaped_hidden_states)
         return out if return_dict else out.to_tuple()
-
-
-def _problem_type(config: HieraConfig, labels: torch.Tensor) -> str:
-    """``config.problem_type``, or transformers' choice when it is None: regression for one label, single-label
-    classification for class ids (int64/int32), multi-label classification for floating-point targets."""
-    if config.problem_type is not None:
-        return config.problem_type
-    if config.num_labels == 1:
-        return "regression"
-    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
-
-
-def _check_labels(labels, batch: int, config: HieraConfig) -> None:
-    """transformers' three label kinds, each with its shape: regression targets ``[B]``/``[B, 1]`` (one label) or
-    ``[B, num_labels]``, class ids ``[B]`` (int64/int32), multi-hot targets ``[B, num_labels]`` (floating point)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    num_labels = config.num_labels
-    if num_labels < 1:
-        raise ValueError("labels need a classifier: the config has num_labels=0")
-    problem = _problem_type(config, labels)
-    if problem == "single_label_classification":
-        if labels.dtype not in (torch.long, torch.int):
-            raise TypeError(f"labels must be int64/int32 class ids (problem_type {problem}), got {labels.dtype}")
-        kind, shapes = "class ids", [(batch,)]
-    elif not (labels.is_floating_point() or problem == "regression" and labels.dtype in (torch.long, torch.int)):
-        raise TypeError(f"labels must be floating-point targets (problem_type {problem}), got {labels.dtype}")
-    elif problem == "regression":
-        kind, shapes = "regression targets", [(batch,), (batch, 1)] if num_labels == 1 else [(batch, num_labels)]
-    else:
-        kind, shapes = "multi-hot targets", [(batch, num_labels)]
-    if tuple(labels.shape) not in shapes:
-        raise ValueError(f"labels as {kind} must have shape {' or '.join(map(str, shapes))}, "
-                         f"got {tuple(labels.shape)}")
-
-
-def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: HieraConfig) -> torch.Tensor:
-    """transformers' loss for :func:`_problem_type`: MSE, cross-entropy or BCE with logits."""
-    problem, num_labels = _problem_type(config, labels), config.num_labels
-    if problem == "regression":
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
-        return F.mse_loss(logits, labels.to(logits.dtype))
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-def _check_prediction_grid(config: HieraConfig, pred_stride: int) -> None:
-    """The MAE predicts one ``pred_stride``-sized pixel patch (of the first frame of a temporal patch, for video) per
-    final token, as the official model does: its label grid (:meth:`HieraForPreTraining.pixel_labels`) must be the
-    final token grid, or the loss would compare predictions with other tokens' pixels."""
-    tokens_final = [t // q**config.num_query_pool for t, q in zip(config.tokens_spatial_shape, config.query_stride)]
-    size = list(config.image_size)
-    labels = [n // pred_stride for n in size[-2:]]
-    if config.spatial_dims == 3:
-        labels.insert(0, -(-size[0] // config.patch_stride[0]))  # every patch_stride[0]-th frame
-    if labels != tokens_final:
-        raise ValueError(f"HieraForPreTraining: the final token grid {tokens_final} differs from the grid of "
-                         f"{pred_stride}-pixel label patches {labels} (pred_stride = patch_stride[-1] * "
-                         f"query_stride[-1]**num_query_pool): patch_stride * query_stride**num_query_pool must be the "
-                         f"same in every spatial dim, and query_stride 1 in time (patch_stride {config.patch_stride}, "
-                         f"query_stride {config.query_stride}, num_query_pool {config.num_query_pool})")
 
 
 class HieraMultiScaleHead(nn.Module):
@@ -709,9 +527,9 @@ class HieraForPreTraining(HieraPreTrainedModel):
 
     def __init__(self, config: HieraConfig, fused: bool = False):
         super().__init__()
-        _check_masking(config, "HieraForPreTraining")
+        inputs.check_masking(config, "HieraForPreTraining")
         num_windows = math.prod(t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size))
-        if _num_keep(config, num_windows) == num_windows:
+        if inputs.num_keep(config, num_windows) == num_windows:
             raise ValueError(f"HieraConfig.mask_ratio={config.mask_ratio} masks none of the {num_windows} mask units: "
                              "the reconstruction loss would be empty")
         self.config = config
@@ -720,7 +538,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
         self.multiscale_fusion = HieraMultiScaleHead(config)
         self.decoder = HieraDecoder(config)
         self.pred_stride = self.decoder.pred_stride
-        _check_prediction_grid(config, self.pred_stride)
+        inputs.check_prediction_grid(config, self.pred_stride)
         self._init_weights()
         self.fused = fused
 
@@ -728,7 +546,7 @@ class HieraForPreTraining(HieraPreTrainedModel):
                 bool_masked_pos: torch.Tensor | None = None, output_hidden_states: bool = False,
                 return_dict: bool = True):
         config = self.config
-        _check_pixels(config, pixel_values, None, self.dtype)
+        inputs.check_pixels(config, pixel_values, None, self.dtype)
         num_windows = math.prod([t // mu for t, mu in zip(config.tokens_spatial_shape, config.masked_unit_size)])
         ids_restore = None
         if bool_masked_pos is None:
@@ -737,8 +555,10 @@ class HieraForPreTraining(HieraPreTrainedModel):
         elif noise is not None:
             raise ValueError("pass noise (random masking) or bool_masked_pos (explicit masking), not both")
         else:
-            bool_masked_pos = _check_mask(bool_masked_pos, pixel_values.shape[0], num_windows, pixel_values.device)
-            keep_ids = _keep_ids_from_mask(bool_masked_pos, _num_keep(config, num_windows))  # checks the user's mask
+            B = pixel_values.shape[0]
+            bool_masked_pos = inputs.check_mask(bool_masked_pos, B, num_windows, pixel_values.device)
+            # checks the user's mask
+            keep_ids = inputs.keep_ids_from_mask(bool_masked_pos, inputs.num_keep(config, num_windows))
         # keep_ids were made from bool_masked_pos just above: no need to check them again (a host sync per step)
         out = self.hiera(pixel_values, bool_masked_pos=bool_masked_pos, keep_ids=keep_ids, output_hidden_states=True,
                          check_keep_ids=False)
@@ -754,29 +574,15 @@ class HieraForPreTraining(HieraPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
     def pixel_labels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Per prediction token, its ``pred_stride``-sized patch of pixels ``[B, L, P]`` (official layout; video
-        takes the first frame of each temporal patch, channels last)."""
-        size = self.pred_stride
-        if self.config.spatial_dims == 2:
-            label = pixel_values.permute(0, 2, 3, 1).unfold(1, size, size).unfold(2, size, size)
-            return label.flatten(1, 2).flatten(2)
-        video = pixel_values[:, :, :: self.config.patch_stride[0]]
-        label = video.unfold(3, size, size).unfold(4, size, size).permute(0, 2, 3, 4, 5, 6, 1)
-        return label.flatten(1, 3).flatten(2)
+        """Per prediction token, its ``pred_stride``-sized patch of pixels ``[B, L, P]``
+        (:func:`hiera_fast.losses.mae_pixel_labels`)."""
+        return losses.mae_pixel_labels(self.config, pixel_values, self.pred_stride)
 
     def loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, visible: torch.Tensor,
              num_masked: int) -> torch.Tensor:
-        """Mean squared error over the ``num_masked`` masked prediction tokens of each sample (gathered, not
-        boolean-indexed, so the shape does not depend on the data)."""
-        label = self.pixel_labels(pixel_values)
-        masked_ids = torch.argsort(visible.to(torch.int8), dim=1, stable=True)[:, :num_masked]  # [B, M]
-        index = masked_ids[..., None]
-        label = torch.gather(label, 1, index.expand(-1, -1, label.shape[-1]))
-        pred = torch.gather(logits, 1, index.expand(-1, -1, logits.shape[-1]))
-        if self.config.normalize_pixel_loss:
-            mean, var = label.mean(dim=-1, keepdim=True), label.var(dim=-1, keepdim=True)
-            label = (label - mean) / (var + 1.0e-6) ** 0.5
-        return ((pred - label) ** 2).mean()
+        """The normalized-pixel MSE over the ``num_masked`` masked prediction tokens
+        (:func:`hiera_fast.losses.mae_loss`)."""
+        return losses.mae_loss(self.config, self.pixel_labels(pixel_values), logits, visible, num_masked)
 
 
 class HieraBackbone(HieraPreTrainedModel):
@@ -804,7 +610,7 @@ class HieraBackbone(HieraPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
                 interpolate_pos_encoding: bool = False, return_dict: bool = True):
         config = self.config
-        tokens = _check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
+        tokens = inputs.check_pixels(config, pixel_values, interpolate_pos_encoding, self.dtype)
         x = self.embeddings(pixel_values, None, None, tokens)
         x = unroll(x, tokens, [config.query_stride] * (len(config.depths) - 1))
         hidden = (x, *self.encoder(x))

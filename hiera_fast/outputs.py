@@ -1,4 +1,5 @@
-"""Model outputs, with transformers' field names and shapes."""
+"""Model outputs, with transformers' field names and shapes. Each is a registered pytree node (a dataclass whose unset
+fields are None), so ``torch.export.export`` and ``torch.compile`` take a model that returns one."""
 
 from __future__ import annotations
 
@@ -61,3 +62,7 @@ class BackboneOutput(_Output):
 
     feature_maps: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+for _cls in (HieraModelOutput, HieraForImageClassificationOutput, HieraForPreTrainingOutput, BackboneOutput):
+    torch.export.register_dataclass(_cls, serialized_type_name=f"hiera_fast.{_cls.__name__}")

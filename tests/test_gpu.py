@@ -236,3 +236,19 @@ def test_kernels_are_deterministic(dtype):
                                                                                           dtype=dtype))
         grads.append(g)
     assert torch.equal(*grads)
+
+
+def test_aot_inductor_packages_a_fused_model(tmp_path):
+    """``torch.export`` + ``torch._inductor.aoti_compile_and_package`` package a fused model (our ops are custom ops
+    in the exported graph), and the loaded package gives the model's logits."""
+    model = randomize_(H.HieraForImageClassification(tiny_image_config(), fused=True), std=0.1).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    ep = torch.export.export(model, (x,))
+    assert any("hiera_fast.mask_unit_attention_fwd" in str(n.target) for n in ep.graph.nodes)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "hiera.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        ref = model(x).logits
+        out = loaded(x)
+    logits = out.logits if hasattr(out, "logits") else torch.utils._pytree.tree_leaves(out)[0]
+    assert (logits - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
