@@ -37,7 +37,7 @@ MAE_MASK_RATIO = 0.6  # the presets' (and the official model's default)
 
 def _state_for_peer(peer: nn.Module, ours: dict[str, torch.Tensor], config: HieraConfig) -> dict:
     """Our (transformers-named) weights renamed to an official/timm model's keys, via the key map the loader uses."""
-    from hiera_fast.weights import official_to_transformers_keys
+    from hiera_fast.checkpoints.hiera import official_to_transformers_keys
 
     base = {k.removeprefix("hiera."): v for k, v in ours.items()}
     names = official_to_transformers_keys({k: k for k in peer.state_dict()}, config)  # ours -> theirs

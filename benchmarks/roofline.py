@@ -64,9 +64,9 @@ attention call one kernel. Ops are grouped into kernels in op order, forward and
    their prologues (they read its input, not its output) when that is no dearer: for each of its ops, ``k`` reader
    kernels times its input bytes is at most its plain bytes. A norm whose output the backward reads (a training
    step: the weight-gradient GEMM) is written, not recomputed;
-6. each attention call is one kernel (DESIGN.md §5): the forward reads qkv once and writes its output once (and the
-   fp32 ``lse`` when training), the backward reads qkv, out, d_out and lse and writes d_qkv; those bytes are spread
-   over the call's ops in proportion to their plain bytes.
+6. each attention call is one kernel (docs/DESIGN.md, "Performance model"): the forward reads qkv once and writes its
+   output once (and the fp32 ``lse`` when training), the backward reads qkv, out, d_out and lse and writes d_qkv; those
+   bytes are spread over the call's ops in proportion to their plain bytes.
 
 A kernel reads each tensor made outside it once (a transposed view of a tensor is the same read) and writes each
 tensor it makes that an op outside it reads (the backward included), that is a gradient (the optimizer reads it),

@@ -290,10 +290,13 @@ class HieraConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "HieraConfig":
         """Build from a transformers ``config.json`` dict (``model_type="hiera"``; keys this class does not model are
-        kept in ``extra``) or from timm's (``architecture`` names a Hiera preset, ``num_classes``, ``model_args``)."""
+        kept in ``extra``) or from timm's (``architecture`` names a Hiera preset:
+        :func:`hiera_fast.checkpoints.hiera.config_from_timm`)."""
         data = dict(data)
         if "model_type" not in data and "architecture" in data:
-            return cls._from_timm_dict(data)
+            from .checkpoints.hiera import config_from_timm
+
+            return config_from_timm(data)
         if data.get("model_type") != "hiera":
             raise ValueError(f"not a Hiera config: model_type is {data.get('model_type')!r}, expected 'hiera' (a "
                              "transformers config.json) or timm's 'architecture' key")
@@ -317,29 +320,18 @@ class HieraConfig:
         return config
 
     @classmethod
-    def _from_timm_dict(cls, data: dict) -> "HieraConfig":
-        """timm's hub ``config.json``: the preset named by ``architecture`` with timm's ``model_args`` applied."""
-        name = str(data["architecture"]).split(".")[0]  # "hiera_base_224.mae_in1k_ft_in1k" -> "hiera_base_224"
-        args = dict(data.get("model_args") or {})
-        renames = {"num_classes": "num_labels", "img_size": "image_size", "in_chans": "num_channels",
-                   "drop_path_rate": "drop_path_rate"}
-        unknown = sorted(k for k in args if k not in renames and not (k == "global_pool" and args[k] == "avg"))
-        if unknown:
-            raise ValueError(f"timm model_args {unknown} of {name!r} are not supported")
-        kwargs = {renames[k]: v for k, v in args.items() if k in renames}
-        kwargs.setdefault("num_labels", data.get("num_classes", 1000))
-        return cls.from_preset(name, **kwargs)  # an unknown architecture raises there
-
-    @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "HieraConfig":
-        """Read a transformers or timm ``config.json`` (a file, or a directory holding one)."""
+        """Read a transformers, timm or official hub-mixin ``config.json`` (a file, or a directory holding one):
+        :func:`hiera_fast.checkpoints.hiera.config_from_json`."""
+        from .checkpoints.hiera import config_from_json
+
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path!r}")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            return config_from_json(json.load(f))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)

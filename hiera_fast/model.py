@@ -2,7 +2,7 @@
 
 Module names follow transformers' Hiera so the state dict *is* the transformers checkpoint format
 (``embeddings.*``, ``encoder.stages.{s}.layers.{l}.*``, ``pooler.*``, ``classifier.*``, ``decoder.*``); the
-official and timm checkpoints are converted by :mod:`hiera_fast.weights`. The computation follows the official
+official and timm checkpoints are converted by :mod:`hiera_fast.checkpoints.hiera`. The computation follows the official
 ``hiera`` package. Attention and the pooled residual go through :mod:`hiera_fast.ops` with ``fused=`` on or off;
 this module never imports Triton.
 """
@@ -21,7 +21,7 @@ from . import inputs, losses, ops
 from .config import HieraConfig
 from .outputs import BackboneOutput, HieraForImageClassificationOutput, HieraForPreTrainingOutput, HieraModelOutput
 from .unroll import gather_windows, reroll, scatter_windows, undo_windowing, unroll
-from .weights import PretrainedMixin
+from .checkpoints.hiera import PretrainedMixin
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu_new": lambda: nn.GELU("tanh")}
 

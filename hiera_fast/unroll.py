@@ -1,8 +1,8 @@
 """Hiera's unrolled token order on the model side: unroll, reroll, undo_windowing and window masking.
 
-``unroll`` reorders tokens so that every later pooling is a ``max`` over the leading index of a view and every
-mask unit (window) is the set of tokens ``n = t * num_windows + w`` for one ``w`` (DESIGN.md §1). These are
-plain tensor functions written as the official ``hiera_utils.py`` writes them.
+``unroll`` reorders tokens so that every later pooling is a ``max`` over the leading index of a view and every mask unit
+(window) is the set of tokens ``n = t * num_windows + w`` for one ``w`` (docs/DESIGN.md, "The unrolled layout"). These
+are plain tensor functions written as the official ``hiera_utils.py`` writes them.
 """
 
 from __future__ import annotations

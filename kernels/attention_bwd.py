@@ -1,9 +1,10 @@
 """Backward of fused mask-unit attention with query max-pooling, read and written in Hiera's unrolled layout.
 
-Contract (DESIGN.md §1, :func:`hiera_fast.reference.mask_unit_attention_official`): ``qkv [B, N, 3C]``, channels
-``(3, heads, head_dim)``, rows ``n = t * nw + w`` (``T = N // nw`` tokens per window, ``T_out = T // q_stride``).
-Pooled query ``r`` of window ``w`` is the max over ``j < q_stride`` of q row ``(j * T_out + r) * nw + w``; output,
-``grad_out`` and ``lse`` rows are ``r * nw + w``. With ``scale = head_dim ** -0.5`` the kernels recompute
+Contract (docs/DESIGN.md, "The kernel contract (Hiera)"; :func:`hiera_fast.ops.reference.mask_unit_attention_official`):
+``qkv [B, N, 3C]``, channels ``(3, heads, head_dim)``, rows ``n = t * nw + w`` (``T = N // nw`` tokens per window,
+``T_out = T // q_stride``). Pooled query ``r`` of window ``w`` is the max over ``j < q_stride`` of q row ``(j * T_out +
+r) * nw + w``; output, ``grad_out`` and ``lse`` rows are ``r * nw + w``. With ``scale = head_dim ** -0.5`` the kernels
+recompute
 
     P = exp(scale * Qp K^T - lse)      D = rowsum(dO * O)      dV = P^T dO      dP = dO V^T
     dS = P * (dP - D)                  dQp = scale * dS K      dK = scale * dS^T Qp

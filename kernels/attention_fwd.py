@@ -1,8 +1,8 @@
 """Forward of Hiera's mask-unit attention with the query max-pool fused in, read straight from the qkv GEMM output.
 
-Contract (DESIGN.md §1, ``hiera_fast.reference.mask_unit_attention_official``): ``qkv`` is ``[B, N, 3 * C]`` with
-channels ``(3, heads, head_dim)`` and tokens in the unrolled order ``n = t * nw + w``; window ``w`` holds
-``T = N // nw`` tokens, ``T_out = T // s`` pooled queries. For each (batch, head, window):
+Contract (docs/DESIGN.md, "The kernel contract (Hiera)"; ``hiera_fast.ops.reference.mask_unit_attention_official``):
+``qkv`` is ``[B, N, 3 * C]`` with channels ``(3, heads, head_dim)`` and tokens in the unrolled order ``n = t * nw + w``;
+window ``w`` holds ``T = N // nw`` tokens, ``T_out = T // s`` pooled queries. For each (batch, head, window):
 
     q[r]   = max_{j < s} qkv[(j * T_out + r) * nw + w, h * hd : (h + 1) * hd]          (query max-pool)
     out[r] = softmax_t(q[r] . k[t] / sqrt(hd)) @ v[t],  k[t], v[t] from row t * nw + w  (attention in the window)
@@ -173,14 +173,13 @@ def attention_forward_config(head_dim: int, tokens_per_window: int, q_stride: in
     A pure function of shape classes (no autotuning: no per-shape recompiles, the same choice under the interpreter).
     fp16/bf16: windows of <= 64 keys are packed until the query tile has 16 rows (``tl.dot``'s minimum), and further
     while the packed keys fit one 64-key block, so no query row does more score work than a stage-1 row (packing
-    computes the off-diagonal blocks; the kernel is memory-bound, DESIGN.md §5); all loads of such a tile are issued
-    at once (``ONE_KV_BLOCK``). Larger windows and global attention run the flash loop over 64-query tiles (128 for
-    long, compute-bound sequences such as video's 1568-token stage 3) and 64-key blocks (32 for head dims > 64).
-    fp32 (3xTF32 dots, fp32-accurate on tensor cores) and fp64 (IEEE, fp64 accumulation) use 16x16 tiles and
-    8 warps, the spill-free choice up to head dim 256, and the fp16 tiling (64) for head dims <= 16, where it is
-    spill-free too (fewer, fuller programs: what keeps the interpreter lane's tiny models fast). Warps and block
-    sizes were picked from the compile lane's register / spill table (tests/test_kernels_compile.py), not from
-    timings.
+    computes the off-diagonal blocks; the kernel is memory-bound: docs/DESIGN.md, "Performance model"); all loads of
+    such a tile are issued at once (``ONE_KV_BLOCK``). Larger windows and global attention run the flash loop over
+    64-query tiles (128 for long, compute-bound sequences such as video's 1568-token stage 3) and 64-key blocks (32 for
+    head dims > 64). fp32 (3xTF32 dots, fp32-accurate on tensor cores) and fp64 (IEEE, fp64 accumulation) use 16x16
+    tiles and 8 warps, the spill-free choice up to head dim 256, and the fp16 tiling (64) for head dims <= 16, where it
+    is spill-free too (fewer, fuller programs: what keeps the interpreter lane's tiny models fast). Warps and block
+    sizes were picked from the compile lane's register / spill table (tests/test_kernels_compile.py), not from timings.
     """
     T, T_out = tokens_per_window, tokens_per_window // q_stride
     block_d = max(16, next_power_of_2(head_dim))

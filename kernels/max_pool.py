@@ -1,4 +1,5 @@
-"""Hiera's unrolled max-pool ``x.view(B, s, N // s, C).max(1).values`` and its backward (DESIGN.md §1).
+"""Hiera's unrolled max-pool ``x.view(B, s, N // s, C).max(1).values`` and its backward (docs/DESIGN.md, "The unrolled
+layout").
 
 In the unrolled layout a 2x2 (or 2x2x2) pool of the finest level is a max over the leading index: candidate ``j`` of
 output row ``m`` is input row ``j * (N // s) + m`` (``pooled_query_row`` with one window of ``N // s`` tokens).

@@ -1,4 +1,4 @@
-"""Index math of Hiera's unrolled token layout, written once for every kernel (DESIGN.md §1).
+"""Index math of Hiera's unrolled token layout, written once for every kernel (docs/DESIGN.md, "The unrolled layout").
 
 Tokens are stored as ``n = t * num_windows + w``: ``w`` is the window (mask unit), ``t`` the token inside it.
 With ``T`` tokens per window and query stride ``s`` (``T_out = T // s`` pooled queries per window):

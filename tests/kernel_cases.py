@@ -38,7 +38,7 @@ class AttnCase:
                 f"-s{self.q_stride}-h{self.num_heads}x{self.head_dim}")
 
 
-# DESIGN.md's 224² table (q/kv per window), video, MAE-masked window counts, odd shapes. Keep it small: every case
+# docs/DESIGN.md's 224² table (q/kv per window), video, MAE-masked window counts, odd shapes. Keep it small: every case
 # runs under the interpreter in fp32 and fp16.
 ATTENTION_CASES = [
     AttnCase(2, 4, 64, 1, 1, 96, "stage1-64/64"),

@@ -82,7 +82,7 @@ def _randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
-# (B, heads, head_dim, windows, tokens per window, q_stride): Hiera's attention calls (DESIGN.md §1 table; MAE window
+# (B, heads, head_dim, windows, tokens per window, q_stride): Hiera's attention calls (docs/DESIGN.md's 224² table; MAE window
 # counts 7 and 19; video-like global) at small batch, plus odd shapes.
 GEOMETRIES = [
     (1, 1, 96, 7, 64, 1),  # 64/64 stage 1 (MAE: 7 windows)
@@ -244,7 +244,7 @@ def test_float64_kernels_give_float64_accurate_gradients(geom):
 
 # ---------------------------------------------------------------------------------------------- compile lane
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# (tokens per window, q_stride, windows): every row of DESIGN.md's 224² table, video, MAE-like and odd windows.
+# (tokens per window, q_stride, windows): every row of docs/DESIGN.md's 224² table, video, MAE-like and odd windows.
 COMPILE_GEOMETRIES = [(64, 1, 49), (64, 4, 49), (16, 1, 49), (16, 4, 49), (196, 1, 1), (196, 4, 1), (49, 1, 1),
                       (1568, 4, 1), (12, 1, 7), (128, 2, 4), (18, 3, 4)]
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch kwargs that are compile options, not constexprs

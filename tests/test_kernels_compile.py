@@ -28,7 +28,7 @@ import pytest
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 CCS = (80, 90)
 
-# (tokens per window, q_stride, windows): every row of DESIGN.md's 224² table, video, MAE-masked and odd shapes.
+# (tokens per window, q_stride, windows): every row of docs/DESIGN.md's 224² table, video, MAE-masked and odd shapes.
 GEOMETRIES = [
     (64, 1, 49), (64, 4, 49), (16, 1, 49), (16, 4, 49),  # windowed: 64/64, 16/64, 16/16, 4/16
     (196, 1, 1), (196, 4, 1), (49, 1, 1),  # global: 196/196, 49/196, 49/49

@@ -155,7 +155,7 @@ def test_forward_config_is_valid(dtype: torch.dtype):
 
 
 def test_forward_config_packs_small_windows():
-    """DESIGN.md §4: 16/16 and 4/16 windows are packed into one tile with a block-diagonal mask."""
+    """docs/DESIGN.md (kernel notes): 16/16 and 4/16 windows are packed into one tile with a block-diagonal mask."""
     assert attention_forward_config(96, 16, 1, 49, torch.bfloat16)["windows_per_program"] == 4  # 64 q x 64 kv
     cfg = attention_forward_config(96, 16, 4, 49, torch.bfloat16)  # 4/16: 4 windows -> 16 q x 64 kv
     assert cfg["windows_per_program"] == 4 and cfg["BLOCK_M"] == 16 and cfg["ONE_KV_BLOCK"]

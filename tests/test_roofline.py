@@ -55,7 +55,7 @@ def test_flops_equal_flop_counter(name, batch, train):
         flash_bwd = sum(row.flops for row in r.rows if row.name == "_scaled_dot_product_flash_attention_backward")
         assert flash_bwd > 0
         assert r.total_flops - flash_bwd // 5 == flop_counter_total(name, batch, train, gpu_sdpa=False)
-    if name.endswith("base_224"):  # DESIGN.md §8's 17.6 / 58 GFLOP per image leave the attention out
+    if name.endswith("base_224"):  # the 17.6 / 58 GFLOP per image once quoted leave the attention out
         attention = sum(row.flops for row in r.rows if row.kind == "attention")
         expected = 58.25 if train else 17.60
         assert (r.total_flops - attention) / batch / 1e9 == pytest.approx(expected, abs=0.01)
@@ -127,7 +127,7 @@ def test_bytes_of_one_block_exact():
 
 
 def test_attention_fused_bytes_match_design():
-    """DESIGN.md §5: Hiera-B's 24 attention calls read qkv and write out: 6.1 GB at batch 256 in bf16."""
+    """docs/DESIGN.md, "Performance model": Hiera-B's 24 attention calls read qkv and write out: 6.1 GB at batch 256 in bf16."""
     r = result("hiera_base_224", 1)
     expected, tokens = 0, 3136
     for s, depth in enumerate((2, 3, 16, 3)):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hiera_fast.sam2 import PRESETS, HieraDetConfig, HieraDetModel, window_attention
-from hiera_fast.sam2 import weights as W
+from hiera_fast.checkpoints import sam2 as W
 from hiera_fast.sam2.model import window_partition, window_unpartition
 
 FP32_TOL = 1e-5

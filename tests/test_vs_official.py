@@ -138,7 +138,7 @@ def test_gradients_match_official(tmp_path):
     torch.nn.functional.cross_entropy(official(x), labels).backward()
     ours(x, labels=labels).loss.backward()
     ref = dict(official.named_parameters())
-    from hiera_fast.weights import official_to_transformers_keys
+    from hiera_fast.checkpoints.hiera import official_to_transformers_keys
 
     names = official_to_transformers_keys({k: k for k in ref}, cfg)
     ours_params = dict(ours.named_parameters())
@@ -217,7 +217,7 @@ def test_mask_unit_4x4_matches_official(tmp_path):
 
 def test_mae_mask_unit_4x4_three_stages_matches_official(tmp_path):
     """Three stages unroll twice, so 4x4 units are the whole unrolled block: masking is valid."""
-    from hiera_fast.weights import official_config_to_hiera_config
+    from hiera_fast.checkpoints.hiera import official_config_to_hiera_config
 
     kwargs = dict(input_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 1), q_pool=2, mask_unit_size=(4, 4),
                   mask_unit_attn=(True, True, False), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)

@@ -215,7 +215,7 @@ def test_official_three_stage_model_with_default_flags(tmp_path):
 def test_official_dim_mul_that_rounds_differently_is_a_clear_error():
     """The official model rounds the width at every stage (14 * 1.5 -> 21 -> 31 -> 46), HieraConfig as transformers
     does (14 * 1.5**3 -> 47): such a config is refused by name, not by a list of mismatched shapes."""
-    from hiera_fast.weights import official_config_to_hiera_config
+    from hiera_fast.checkpoints.hiera import official_config_to_hiera_config
 
     with pytest.raises(ValueError, match="dim_mul 1.5.*not supported"):
         official_config_to_hiera_config(dict(embed_dim=14, num_heads=1, head_mul=1.0, dim_mul=1.5,

@@ -5,7 +5,7 @@ Nothing is unrolled (unlike :mod:`hiera_fast.model`): windows are cut from the s
 which zero-pads the *normed* input, so padded tokens enter ``qkv`` as zero rows (q = b_q, k = b_k, v = b_v) and
 attention runs without a mask: they are live keys. Module names are the official trunk's (``patch_embed.proj``,
 ``blocks.{i}.norm1``, ``attn.qkv``, ``mlp.layers.{0,1}``, ...), so an official (or ultralytics) checkpoint's
-``image_encoder.trunk.*`` loads as it is; :mod:`hiera_fast.sam2.weights` maps timm's and transformers' names.
+``image_encoder.trunk.*`` loads as it is; :mod:`hiera_fast.checkpoints.sam2` maps timm's and transformers' names.
 """
 
 from __future__ import annotations
@@ -220,13 +220,13 @@ class HieraDetModel(nn.Module):
         ``Sam2VisionModel`` / ``Sam2HieraDetModel`` directory, a timm ``sam2_hiera_*`` state dict, a file of any of
         them, an in-memory state dict, or a Hugging Face hub id. ``config``: a :class:`HieraDetConfig`, a preset name,
         or None to read a transformers ``config.json`` beside the weights or recognise a preset by the shapes."""
-        from . import weights
+        from ..checkpoints import sam2 as weights
 
         return weights.from_pretrained(cls, source, config, fused)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a transformers ``Sam2HieraDetModel`` directory (``config.json`` + ``model.safetensors``), which
         transformers and :meth:`from_pretrained` read."""
-        from . import weights
+        from ..checkpoints import sam2 as weights
 
         weights.save_pretrained(self, directory)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import HieraConfig
+from ..config import HieraConfig
 
 # Parts of a checkpoint that belong to one task's head: dropped (with a warning) when the target model has none,
 # and left at their initialisation (with a warning) when the checkpoint has none.
@@ -144,10 +144,26 @@ def official_config_to_hiera_config(cfg: dict[str, Any]) -> HieraConfig:
     return config
 
 
+def config_from_timm(data: dict[str, Any]) -> HieraConfig:
+    """timm's hub ``config.json``: the preset named by ``architecture`` with timm's ``model_args`` applied."""
+    name = str(data["architecture"]).split(".")[0]  # "hiera_base_224.mae_in1k_ft_in1k" -> "hiera_base_224"
+    args = dict(data.get("model_args") or {})
+    renames = {"num_classes": "num_labels", "img_size": "image_size", "in_chans": "num_channels",
+               "drop_path_rate": "drop_path_rate"}
+    unknown = sorted(k for k in args if k not in renames and not (k == "global_pool" and args[k] == "avg"))
+    if unknown:
+        raise ValueError(f"timm model_args {unknown} of {name!r} are not supported")
+    kwargs = {renames[k]: v for k, v in args.items() if k in renames}
+    kwargs.setdefault("num_labels", data.get("num_classes", 1000))
+    return HieraConfig.from_preset(name, **kwargs)  # an unknown architecture raises there
+
+
 def config_from_json(raw: dict[str, Any]) -> HieraConfig:
     """A ``config.json`` of transformers (``model_type``), timm (``architecture``) or the official hub mixin (only
     the constructor arguments that were passed, so possibly none of ``stages``, ``q_pool``, ...)."""
-    if "model_type" in raw or "architecture" in raw:
+    if "architecture" in raw and "model_type" not in raw:
+        return config_from_timm(raw)
+    if "model_type" in raw:
         return HieraConfig.from_dict(raw)
     unknown = sorted(set(raw) - _OFFICIAL_ARGS)
     if unknown:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, HieraDetConfig, preset_key
+from ..sam2.config import PRESETS, HieraDetConfig, preset_key
 
 # prefixes under which a whole model's state dict keeps the trunk (official / ultralytics SAM2Base, transformers
 # Sam2Model and Sam2VisionModel)
