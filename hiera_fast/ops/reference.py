@@ -1,11 +1,11 @@
 """Eager PyTorch references of the fused ops: the executable spec the Triton kernels are tested against.
 
-Layout contract (see DESIGN.md §1). ``qkv`` is the qkv Linear's output ``[B, N, 3 * C]`` with channels
-ordered ``(3, heads, head_dim)`` and tokens in Hiera's *unrolled* order ``n = t * nw + w``: ``w`` is the
-window (mask unit), ``t`` the token inside it, so a window's tokens are strided by ``nw`` in memory.
-With ``T = N // nw`` tokens per window and query stride ``s``, pooled query ``r < T // s`` of window ``w``
-is the max over ``j < s`` of query row ``(j * T // s + r) * nw + w``; the output ``[B, N // s, C]`` holds
-it at row ``r * nw + w``, channels ``h * head_dim + d``.
+Layout contract (docs/DESIGN.md, "The unrolled layout"). ``qkv`` is the qkv Linear's output ``[B, N, 3 * C]`` with
+channels ordered ``(3, heads, head_dim)`` and tokens in Hiera's *unrolled* order ``n = t * nw + w``: ``w`` is the window
+(mask unit), ``t`` the token inside it, so a window's tokens are strided by ``nw`` in memory. With ``T = N // nw``
+tokens per window and query stride ``s``, pooled query ``r < T // s`` of window ``w`` is the max over ``j < s`` of query
+row ``(j * T // s + r) * nw + w``; the output ``[B, N // s, C]`` holds it at row ``r * nw + w``, channels ``h * head_dim
++ d``.
 """
 
 from __future__ import annotations
@@ -119,3 +119,50 @@ def unrolled_max_pool_backward_eager(grad_out: torch.Tensor, x: torch.Tensor, st
     index = x.reshape(B, stride, N // stride, C).max(dim=1).indices  # [B, N // stride, C]
     grad_x = grad_out.new_zeros(B, stride, N // stride, C)
     return grad_x.scatter_(1, index.unsqueeze(1), grad_out.unsqueeze(1)).reshape(B, N, C)
+
+
+def window_attention_bhwc_reference(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, window_size: int,
+                                    q_stride: int) -> torch.Tensor:
+    """SAM 2's windowed attention on a BHWC map, computed the official way (``sam2/modeling/backbones/hieradet.py``:
+    ``window_partition``, the attention's query ``MaxPool2d``, SDPA, ``window_unpartition``); the spec of
+    ``hiera_fast.kernels.window_attention``. Any float dtype (float64: the ground truth), with autograd.
+
+    Args:
+        qkv: ``[B, H, W, 3 * C]``, the qkv Linear applied to the *unpadded* map, channels ``(3, heads, head_dim)``.
+        bias: ``[3 * C]``, that Linear's bias, or None (zeros). The official block zero-pads the normed map before
+            the Linear, so a padded token's q, k, v are exactly the bias (in qkv's dtype).
+        num_heads: heads; ``C % num_heads == 0``.
+        window_size: ``ws``; the map is padded at the bottom / right to multiples of it.
+        q_stride: 1, or the queries' ``q_stride x q_stride`` max-pool inside each window (floor).
+
+    Returns:
+        ``[B, H // q_stride, W // q_stride, C]``: the windows of ``ws // q_stride`` put back on the grid padded from
+        the pooled size, cropped (what the official block adds to its pooled residual).
+    """
+    B, H, W, three_c = qkv.shape
+    C, ws = three_c // 3, window_size
+    head_dim = C // num_heads
+    pad_h, pad_w = (-H) % ws, (-W) % ws
+    x = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))  # [B, Hp, Wp, 3C]: zero rows, then the Linear's bias on them
+    Hp, Wp = H + pad_h, W + pad_w
+    if bias is not None:
+        pad = torch.ones(Hp, Wp, dtype=torch.bool, device=qkv.device)
+        pad[:H, :W] = False
+        x = torch.where(pad[:, :, None], bias.to(x.dtype), x)
+    nh, nw = Hp // ws, Wp // ws
+    x = x.reshape(B, nh, ws, nw, ws, three_c).permute(0, 1, 3, 2, 4, 5)  # [B, nH, nW, ws, ws, 3C]
+    x = x.reshape(B * nh * nw, ws * ws, 3, num_heads, head_dim)  # [B * nW, ws * ws, 3, heads, hd]
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # each [B * nW, heads, ws * ws, hd]
+    wo = ws
+    if q_stride > 1:
+        q = q.transpose(1, 2).reshape(B * nh * nw, ws, ws, C).permute(0, 3, 1, 2)  # [B * nW, C, ws, ws]
+        q = F.max_pool2d(q, q_stride, q_stride)  # [B * nW, C, wo, wo]
+        wo = q.shape[-1]
+        q = q.reshape(B * nh * nw, num_heads, head_dim, wo * wo).transpose(2, 3)  # [B * nW, heads, wo * wo, hd]
+    out = F.scaled_dot_product_attention(q, k, v)  # [B * nW, heads, wo * wo, hd]
+    # window_unpartition: windows of wo on the grid padded from the pooled map's size, cropped to it
+    Ho, Wo = H // q_stride, W // q_stride
+    Hq, Wq = Ho + (-Ho) % wo, Wo + (-Wo) % wo
+    out = out.transpose(1, 2).reshape(B, Hq // wo, Wq // wo, wo, wo, C)  # [B, nH, nW, wo, wo, C]
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, Wq, C)  # [B, Hq, Wq, C]
+    return out[:, :Ho, :Wo]
