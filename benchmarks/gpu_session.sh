@@ -11,21 +11,26 @@
 #                      inference (fused + CUDA graphs, timm + CUDA graphs), then the MAE step (fused + CUDA graphs);
 #                      inductor's on-disk cache makes these compiles cheap after the compare steps
 #   gpu-tests          the CUDA lane: tests/test_gpu.py (bf16 first, inductor, CUDA graphs, determinism) and every
-#                      kernel sweep on CUDA, over pytest-xdist workers
-# More steps, for a session that asks for them with STEPS: gpu-tests-rest (the rest of tests/ on CUDA), bench-ops
+#                      kernel sweep on CUDA (SAM 2's window kernels included), over pytest-xdist workers
+#   sam2               SAM 2.1 base_plus's trunk at 1024², bf16, batch 1 and 8: the official code (timm's copy, and
+#                      the sam2 package when carried) eager and compiled vs hiera_fast.patch, eager and compiled; runs
+#                      in what the budget has left after the steps above (a second call: STEPS="sam2 sam2-calls")
+# More steps, for a session that asks for them with STEPS: sam2-calls (each SAM 2 windowed attention call, fused vs the
+# official pad/partition/SDPA/unpartition, bf16), sam2-autotune (the trunk rows under max-autotune: minutes of
+# compile), sam2-sizes (tiny / small / large trunk rows), gpu-tests-rest (the rest of tests/ on CUDA), bench-ops
 # (per attention call, bf16), bench-models / bench-train (the full suites' eager and compiled rows), profile-host
 # (benchmarks/profile_train.py: host vs GPU time of eager-mode steps).
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR          # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_session.sh /tmp/x   # anywhere: the same steps at toy sizes (--bench-smoke)
 #
-# STEPS (default "compare-inference compare-train profile profile-train gpu-tests") picks and orders the steps; LIMIT_<STEP>
+# STEPS (default "compare-inference compare-train profile profile-train gpu-tests sam2") picks and orders the steps; LIMIT_<STEP>
 # (LIMIT_COMPARE_INFERENCE, LIMIT_COMPARE_TRAIN, LIMIT_PROFILE, LIMIT_PROFILE_TRAIN, LIMIT_GPU_TESTS, ...) overrides a
 # step's limit, TESTS_K the -k of the GPU tests. BUDGET (seconds, default 565) bounds the whole script; each step is
 # cut to what is left. A step that overruns is interrupted with SIGINT, so pytest still writes the JSON of what it
 # measured (the case it cut is left out), and the next step runs. Writes at most 8 files into OUT_DIR (the device tool
 # brings back 8): session.log (every step's output, exit code and seconds), models.json, train.json (pytest-benchmark)
-# and models.md, train.md (python -m benchmarks.report), profile.md, profile-train.md. Exit code: the number of
+# and models.md, train.md (python -m benchmarks.report), profile.md, profile-train.md, sam2.json. Exit code: the number of
 # failed steps; 100 + that when the session stopped early (the install failed, or fused=True would not reach the
 # Triton kernels on CUDA, as the fused-backend step shows: then no measurement would mean anything).
 #
@@ -108,7 +113,7 @@ if [ "${SMOKE:-0}" != "0" ]; then
     model=hiera_tiny_224 batch=1 mae=mae_hiera_tiny_224 mae_batch=1
     command -v nvidia-smi >/dev/null || profile_dev=(--device cpu)
 fi
-steps=" ${STEPS:-compare-inference compare-train profile profile-train gpu-tests} "  # STEPS picks (and orders) the steps
+steps=" ${STEPS:-compare-inference compare-train profile profile-train gpu-tests sam2} "  # STEPS picks (and orders) the steps
 for name in $steps; do
     case $name in
     compare-inference)
@@ -132,7 +137,20 @@ eager+cudagraphs)" --benchmark-json="$out/models.json" ;;
         step profile-host "${LIMIT_PROFILE_HOST:-60}" "$python" -m benchmarks.profile_train "${profile_args[@]}" ;;
     gpu-tests)  # the CUDA lane: tests/test_gpu.py and every kernel sweep on CUDA (bf16 first), over xdist workers
         step gpu-tests "${LIMIT_GPU_TESTS:-130}" "${pytest[@]}" "${xdist[@]}" tests/test_gpu.py \
-            tests/test_kernels_fwd.py tests/test_kernels_bwd.py -k "${TESTS_K:-not compile_lane}" ;;
+            tests/test_kernels_fwd.py tests/test_kernels_bwd.py tests/test_kernels_windows.py \
+            -k "${TESTS_K:-not compile_lane}" ;;
+    sam2)  # SAM 2.1 base_plus trunk at 1024², bf16: official / patched, eager and torch.compile (default mode)
+        step sam2 "${LIMIT_SAM2:-120}" "${pytest[@]}" benchmarks/test_bench_sam2.py "${smoke[@]}" \
+            -k "test_sam2_trunk and base_plus and not max-autotune" --benchmark-json="$out/sam2.json" ;;
+    sam2-calls)
+        step sam2-calls "${LIMIT_SAM2_CALLS:-90}" "${pytest[@]}" benchmarks/test_bench_sam2.py "${smoke[@]}" \
+            -k "test_sam2_window_call or test_sam2_set_image" --benchmark-json="$out/sam2-calls.json" ;;
+    sam2-autotune)
+        step sam2-autotune "${LIMIT_SAM2_AUTOTUNE:-300}" "${pytest[@]}" benchmarks/test_bench_sam2.py "${smoke[@]}" \
+            -k "test_sam2_trunk and base_plus and b1 and max-autotune" --benchmark-json="$out/sam2-autotune.json" ;;
+    sam2-sizes)
+        step sam2-sizes "${LIMIT_SAM2_SIZES:-240}" "${pytest[@]}" benchmarks/test_bench_sam2.py "${smoke[@]}" \
+            -k "test_sam2_trunk and not base_plus and not max-autotune" --benchmark-json="$out/sam2-sizes.json" ;;
     gpu-tests-rest)  # the rest of tests/ on CUDA: fused models, training, patch, CUDA graphs, dispatch, parity
         step gpu-tests-rest "${LIMIT_GPU_TESTS_REST:-120}" "${pytest[@]}" "${xdist[@]}" tests \
             --ignore=tests/test_gpu.py --ignore=tests/test_kernels_fwd.py --ignore=tests/test_kernels_bwd.py \
@@ -150,7 +168,7 @@ eager+cudagraphs)" --benchmark-json="$out/models.json" ;;
     esac
 done
 export RESERVE=0
-for json in "$out"/ops.json "$out"/train.json "$out"/models.json; do
+for json in "$out"/ops.json "$out"/train.json "$out"/models.json; do  # sam2*.json: their rows are read as JSON
     [ -s "$json" ] && step "report-$(basename "$json" .json)" 60 "$python" -m benchmarks.report "$json" --out "$out" \
         --no-plot
 done

@@ -252,3 +252,42 @@ def test_aot_inductor_packages_a_fused_model(tmp_path):
         out = loaded(x)
     logits = out.logits if hasattr(out, "logits") else torch.utils._pytree.tree_leaves(out)[0]
     assert (logits - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_bf16_sam2_trunk_fused_within_twice_eager_error():
+    """SAM 2.1 base_plus's trunk at 1024², batch 1, bf16 autocast, qkv biases and position embeddings ~ N(0, 1) (so
+    padded tokens and wrong windows show): every stage output and every parameter's gradient with fused=True (the
+    window kernels in every windowed block, forward and backward) within twice eager bf16's error against float64
+    (+ 1e-2 of the largest entry)."""
+    from hiera_fast.sam2 import HieraDetConfig, HieraDetModel
+
+    base = HieraDetModel(HieraDetConfig.from_preset("sam2.1_hiera_base_plus")).cuda()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("qkv.bias") or "pos_embed" in name:
+                p.normal_(0.0, 1.0)
+    x = torch.randn(1, 3, 1024, 1024, device="cuda")
+
+    def run(model, x):
+        model.zero_grad(set_to_none=True)
+        outs = model(x)
+        sum((o.float() * torch.linspace(-1, 2, o.numel(), device="cuda").view_as(o)).sum() for o in outs).backward()
+        return [o.detach().double() for o in outs] + [p.grad.double() for p in model.parameters()]
+
+    gold = run(copy.deepcopy(base).double(), x.double())
+    errors, launched = {}, None
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        model.fused = fused
+        before = ops.kernel_launches.copy()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = run(model, x)
+        if fused:
+            launched = ops.kernel_launches - before
+        errors[fused] = [_err(a, b) / b.abs().max().clamp_min(1e-30).item() for a, b in zip(got, gold, strict=True)]
+    windowed = sum(1 for spec in base.config.block_specs() if spec.window_size)
+    assert (launched["window_attention_fwd"], launched["window_attention_bwd"]) == (windowed, windowed)
+    names = [f"level {i}" for i in range(len(gold) - len(list(base.parameters())))] + [n for n, _ in
+                                                                                      base.named_parameters()]
+    for name, ours, eager in zip(names, errors[True], errors[False], strict=True):
+        assert ours <= 2 * eager + 1e-2, f"{name}: fused {ours:.2e} > 2 x eager {eager:.2e} + 1e-2"

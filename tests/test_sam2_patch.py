@@ -1,7 +1,8 @@
 """``hiera_fast.patch`` on SAM 2 Hiera trunks (official ``sam2``, timm ``hieradet_sam2``, transformers' Sam2 vision
 backbone, ultralytics): patched == unpatched, forward and backward (fp32, 1e-5 relative; bias-heavy weights, padded
-geometry, drop path in training), our ``window_attention`` provably ran in every attention, transformers' unused
-softmax is gone, the state dict is untouched and ``unpatch`` restores the library's classes.
+geometry, drop path in training), every windowed block provably ran our fused window kernels (the launch counter,
+forward and backward) and every global block our SDPA ``window_attention``, transformers' unused softmax is gone, the
+state dict is untouched and ``unpatch`` restores the library's classes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from hiera_fast import ops
 from hiera_fast.patch import core, is_patched, patch, patched, unpatch
 from hiera_fast.patch import sam2 as patch_sam2_mod  # hiera_fast.patch is also the function: from-imports only
 from hiera_fast.patch import timm_sam2 as patch_timm_mod
@@ -22,6 +24,7 @@ from hiera_fast.sam2 import attention as sam2_attention
 FP32_TOL = 1e-5
 SIZE = (1, 3, 128, 128)  # stages 3 and 4 pad (8 -> 14, 4 -> 7): padded tokens are most of their keys
 ARGS = dict(embed_dim=16, num_heads=1, stages=(1, 2, 3, 2), global_att_blocks=(4,))
+WINDOWED, GLOBAL = 7, 1  # blocks of ARGS: block 4 is global
 
 
 def _official():
@@ -125,8 +128,15 @@ def _attention_modules(model: nn.Module, lib: core.Library) -> int:
 
 
 @pytest.fixture
+def launches():
+    """``launches(kind)``: the fused window kernels' launches (``"fwd"`` / ``"bwd"``) since the test began."""
+    before = ops.kernel_launches.copy()
+    return lambda kind: ops.kernel_launches[f"window_attention_{kind}"] - before[f"window_attention_{kind}"]
+
+
+@pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of ``hiera_fast.sam2.attention.window_attention`` (what the patched forwards call)."""
+    """Counts the calls of ``hiera_fast.sam2.attention.window_attention`` (what the patched global attention calls)."""
     counter = {"n": 0}
     real = sam2_attention.window_attention
 
@@ -152,10 +162,11 @@ def _build(name: str):
 
 # ------------------------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("name", list(CASES))
-def test_patch_matches_library_fp32(name, calls):
-    """Outputs and all gradients equal before and after ``patch`` (training mode: drop path draws alike); every
-    attention ran ``window_attention`` forward; the state dict and instance attributes are untouched; ``unpatch``
-    gives back the library's classes and outputs."""
+def test_patch_matches_library_fp32(name, calls, launches):
+    """Outputs and all gradients (qkv biases included: padded tokens are their rows) equal before and after ``patch``
+    (training mode: drop path draws alike); every windowed block launched the fused kernels forward and backward and
+    the global one ran ``window_attention``; the state dict and instance attributes are untouched; ``unpatch`` gives
+    back the library's classes and outputs."""
     model, x = _build(name)
     lib = CASES[name][1].LIBRARY
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -168,40 +179,43 @@ def test_patch_matches_library_fp32(name, calls):
         [attrs for _, attrs in layout]
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert "hiera_fast: window attention" in repr(model)
+    assert "hiera_fast: window attention" in repr(model) and "hiera_fast: fused window attention" in repr(model)
 
     out, grads = _run(model, x)
-    assert calls["n"] == _attention_modules(model, lib) == 8
+    assert _attention_modules(model, lib) == WINDOWED + GLOBAL
+    assert (calls["n"], launches("fwd"), launches("bwd")) == (GLOBAL, WINDOWED, WINDOWED)
     _assert_close(out, ref_out, f"{name} outputs")
     _assert_close(grads, ref_grads, f"{name} grads")
 
     unpatch(model)
     assert [type(m) for m in model.modules()] == [t for t, _ in layout] and not is_patched(model)
     again, _ = _run(model, x)
-    assert calls["n"] == 8
+    assert (calls["n"], launches("fwd")) == (GLOBAL, WINDOWED)
     assert all(torch.equal(a, b) for a, b in zip(again, ref_out))
 
 
 @pytest.mark.parametrize("name", ["sam2", "timm", "transformers-sdpa", "ultralytics"])
-def test_class_patch_reaches_new_instances_and_undoes(name, calls):
+def test_class_patch_reaches_new_instances_and_undoes(name, calls, launches):
     _, module, patch_name, unpatch_name = CASES[name]
     model, x = _build(name)
     lib = module.LIBRARY
     cls = type(next(m for m in model.modules() if type(m).__name__ == lib.attention.class_name))
-    forward = cls.__dict__["forward"]
+    block_cls = type(next(m for m in model.modules() if type(m).__name__ == lib.block.class_name))
+    forward, block_forward = cls.__dict__["forward"], block_cls.__dict__["forward"]
     model.eval()
     with torch.no_grad():
         ref = model(x)
     getattr(module, patch_name)()
     getattr(module, patch_name)()  # twice: a no-op
-    assert cls.__dict__["forward"] is lib.attention.forward
+    assert cls.__dict__["forward"] is lib.attention.forward and block_cls.__dict__["forward"] is lib.block.forward
     fresh = copy.deepcopy(model)
     assert is_patched(model) and is_patched(fresh)
     with torch.no_grad():
         _assert_close(fresh(x), ref, name)
-    assert calls["n"] == 8
+    assert (calls["n"], launches("fwd"), launches("bwd")) == (GLOBAL, WINDOWED, 0)
     getattr(module, unpatch_name)()
-    assert cls.__dict__["forward"] is forward and not is_patched(model)
+    assert cls.__dict__["forward"] is forward and block_cls.__dict__["forward"] is block_forward
+    assert not is_patched(model)
 
 
 def test_transformers_patch_forms_no_softmax(monkeypatch):
@@ -225,9 +239,10 @@ def test_transformers_patch_forms_no_softmax(monkeypatch):
         count["n"] = 0
 
 
-def test_transformers_vision_model_and_output_flags(calls):
+def test_transformers_vision_model_and_output_flags(calls, launches):
     """Inside ``Sam2VisionModel`` (backbone + neck); ``output_attentions`` / ``output_hidden_states`` records the same
-    tensors as unpatched."""
+    tensors as unpatched (transformers records attentions by hooks on the attention modules: those blocks run
+    transformers' forward through the patched attention); without the flags, the windowed blocks are fused."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     trunk = _TransformersTrunk().model.config
     vision = transformers.Sam2VisionModel(transformers.Sam2VisionConfig(
@@ -239,15 +254,19 @@ def test_transformers_vision_model_and_output_flags(calls):
         ref = vision(x, output_attentions=True, output_hidden_states=True)
         with patched(vision):
             out = vision(x, output_attentions=True, output_hidden_states=True)
-    assert calls["n"] == 8
+            assert (calls["n"], launches("fwd")) == (WINDOWED + GLOBAL, 0)
+            plain = vision(x)
+            assert (calls["n"], launches("fwd")) == (WINDOWED + 2 * GLOBAL, WINDOWED)
+    _assert_close([plain.last_hidden_state], [ref.last_hidden_state], "without output flags")
     for field in ("last_hidden_state", "fpn_hidden_states", "hidden_states", "attentions"):
         a, b = getattr(out, field), getattr(ref, field)
         _assert_close([a] if isinstance(a, torch.Tensor) else list(a), [b] if isinstance(b, torch.Tensor) else list(b),
                       field)
 
 
-def test_unknown_query_pool_runs_the_library_forward(calls):
-    """A query pool that ``window_attention`` does not compute (here ceil mode) keeps the library's own forward."""
+def test_unknown_query_pool_runs_the_library_forward(calls, launches):
+    """A query pool that ``window_attention`` does not compute (here ceil mode) keeps the library's own forward for
+    that block and its attention."""
     model, x = _build("timm")
     model.eval()
     block = model.model.blocks[1]
@@ -256,7 +275,7 @@ def test_unknown_query_pool_runs_the_library_forward(calls):
         ref = model(x)
         with patched(model):
             out = model(x)
-    assert calls["n"] == 7  # every attention but the one with the unusual pool
+    assert (calls["n"], launches("fwd")) == (GLOBAL, WINDOWED - 1)  # every block but the one with the unusual pool
     _assert_close(out, ref, "ceil-mode pool")
 
 
@@ -278,4 +297,4 @@ def test_libraries_registered():
     names = {lib.name for lib in core.LIBRARIES}
     assert {"sam2", "timm_sam2", "transformers_sam2", "ultralytics_sam2"} <= names
     for module in (patch_sam2_mod, patch_timm_mod, patch_transformers_mod, patch_ultralytics_mod):
-        assert module.LIBRARY.block.applies(None) is False  # blocks keep their library's forward for now
+        assert module.LIBRARY.block_with_attention  # patch(attention=True) patches the windowed blocks

@@ -231,19 +231,6 @@ def test_return_interm_layers_false_returns_the_last_level():
     assert_levels_close(got, ref, "return_interm_layers=False")
 
 
-def test_fused_flag_runs_the_same_eager_code():
-    ours = bias_heavy_(HieraDetModel(HieraDetConfig(**SMALL), fused=True)).eval()
-    assert ours.fused and all(b.attn.fused for b in ours.blocks)
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        fused = ours(x)
-        ours.fused = False
-        assert not ours.fused
-        assert all(torch.equal(a, b) for a, b in zip(fused, ours(x)))
-    with pytest.raises(TypeError, match="fused must be a bool"):
-        ours.fused = "yes"
-
-
 # ------------------------------------------------------------------------------------------------ sizes
 @pytest.mark.parametrize("kwargs", [SMALL, ODD, {**SMALL, "window_spec": (7, 4, 5, 3)}], ids=["default", "odd", "ws7"])
 def test_accepted_sizes_are_exactly_the_ones_timm_runs(kwargs):

@@ -7,6 +7,7 @@ global attention on CUDA, or the eager reference with one warning saying why. Se
 
 - :class:`MaskUnitAttention` / :func:`mask_unit_attention`: one block's attention on the qkv Linear's output.
 - :func:`unrolled_max_pool`: the pooled residual.
+- :class:`WindowAttention` / :func:`window_attention`: SAM 2's windowed attention with query pooling on the BHWC map.
 - :func:`fused_backend`: what ``fused=True`` can run on a device, and why.
 - :func:`set_global_attention` / :func:`global_attention`: the default route of global attention on CUDA.
 - :data:`kernel_launches`: launches per op (outside ``torch.compile``), so tests can prove which path ran.
@@ -20,6 +21,7 @@ from . import reference, routing
 from .attention import MaskUnitAttention, global_attention_sdpa, mask_unit_attention
 from .checks import check_flag, check_qkv, window_count
 from .pool import unrolled_max_pool
+from .windows import WindowAttention, window_attention
 from .routing import (
     GLOBAL_ATTENTION_BACKENDS,
     MAX_FUSED_HEAD_DIM,
@@ -45,7 +47,8 @@ def runs_sdpa(num_windows: int, device: torch.device | str, global_attention: st
 
 
 __all__ = [
-    "MaskUnitAttention", "mask_unit_attention", "unrolled_max_pool", "global_attention_sdpa", "fused_backend",
+    "MaskUnitAttention", "mask_unit_attention", "unrolled_max_pool", "WindowAttention", "window_attention",
+    "global_attention_sdpa", "fused_backend",
     "kernel_launches", "kernels_interpreted", "set_global_attention", "global_attention", "runs_sdpa",
     "check_qkv", "check_flag", "window_count", "Route", "reference", "routing", "GLOBAL_ATTENTION_BACKENDS",
     "MAX_FUSED_HEAD_DIM", "MIN_CUDA_CAPABILITY", "MIN_TRITON", "MIN_FP64_TRITON", "MIN_INTERPRETER_TRITON",

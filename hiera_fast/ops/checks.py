@@ -80,3 +80,55 @@ def check_pool_input(x, stride) -> None:
         raise ValueError(f"x's token count N={x.shape[1]} must be divisible by stride={stride}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+
+
+def check_window_args(num_heads, window_size, q_stride) -> tuple[int, int, int]:
+    """The static arguments of SAM 2's windowed attention: positive ints, ``q_stride <= window_size``."""
+    num_heads, window_size = check_positive_int("num_heads", num_heads), check_positive_int("window_size", window_size)
+    q_stride = check_positive_int("q_stride", q_stride)
+    if q_stride > window_size:
+        raise ValueError(f"q_stride ({q_stride}) must be at most window_size ({window_size})")
+    return num_heads, window_size, q_stride
+
+
+def window_geometry_problem(height: int, width: int, window_size: int, q_stride: int) -> str | None:
+    """Why the official SAM 2 block cannot run windows of ``window_size`` with query stride ``q_stride`` on a
+    ``height x width`` map, or None. Per side, the pooled map cut into windows of ``ws // q_stride`` must hold as many
+    windows as the map cut into windows of ``ws`` (``window_unpartition`` re-reads the pooled windows on the grid
+    padded from the pooled size); the kernels' launcher checks the same rule
+    (``hiera_fast.kernels.bhwc_windows.check_window_geometry``)."""
+    wo = window_size // q_stride
+    for n, side in ((height, "height"), (width, "width")):
+        if n < q_stride:
+            return f"its {side} of {n} tokens is smaller than q_stride={q_stride}"
+        if -(-n // window_size) != -(-(n // q_stride) // wo):
+            return (f"a {side} of {n} tokens gives {-(-n // window_size)} windows of {window_size} but its pooled "
+                    f"{n // q_stride} gives {-(-(n // q_stride) // wo)} of {wo}: the official window_unpartition "
+                    f"cannot put them back")
+    return None
+
+
+def check_window_qkv(qkv, bias, num_heads: int, window_size: int, q_stride: int) -> None:
+    """One call's ``qkv [B, H, W, 3C]`` and ``bias [3C]`` (or None) against checked static arguments."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be [B, H, W, 3 * C] (rank 4, BHWC), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qkv must be float16, bfloat16, float32 or float64, got {qkv.dtype}")
+    B, H, W, three_c = qkv.shape
+    if three_c == 0 or three_c % 3 or (three_c // 3) % num_heads:
+        raise ValueError(f"qkv's last dim ({three_c}) must be 3 * C with C > 0 divisible by num_heads ({num_heads})")
+    problem = window_geometry_problem(H, W, window_size, q_stride)
+    if problem:
+        raise ValueError(f"qkv's {H}x{W} map cannot take windows of {window_size} with q_stride {q_stride}: {problem}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (three_c,):
+            raise ValueError(f"bias must be [3 * C] = [{three_c}] (the qkv Linear's bias), got shape "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != qkv.device:
+            raise ValueError(f"bias is on {bias.device} but qkv on {qkv.device}")

@@ -3,8 +3,9 @@
 
 - :func:`device_backend`: what a device can run at all ("triton", "triton-interpreter" or "eager"), from the GPU's
   compute capability, the installed Triton and how the kernels were defined (``TRITON_INTERPRET``); cached per device.
-- :func:`attention_route` / :func:`pool_route`: the route of one op for a device and dtype (plus, for attention, the
-  head dim and whether the call is global), a pure function of those, so a caller decides once and caches it.
+- :func:`attention_route` / :func:`window_route` / :func:`pool_route`: the route of one op for a device and dtype
+  (plus, for attention, the head dim and whether the call is global; for SAM 2's windows, the head dim and the
+  query stride), a pure function of those, so a caller decides once and caches it.
 - :func:`call_limit`: what only a call's shapes and strides can tell (the grid and 32-bit offset limits).
 - :data:`kernel_launches`: launches per op, so tests can prove which path ran.
 
@@ -24,9 +25,9 @@ from typing import NamedTuple
 import torch
 
 try:
-    from ..kernels import attention_bwd, attention_fwd, max_pool
+    from ..kernels import attention_bwd, attention_fwd, max_pool, window_attention
 except ImportError as _err:  # no Triton (it is Linux-only on PyPI), or a broken install
-    attention_bwd = attention_fwd = max_pool = None
+    attention_bwd = attention_fwd = max_pool = window_attention = None
     KERNELS_MISSING: str | None = f"Triton (or the hiera_fast.kernels modules) could not be imported ({_err})"
 else:
     KERNELS_MISSING = None
@@ -194,6 +195,26 @@ def attention_route(fused: bool, device: torch.device, dtype: torch.dtype, head_
     return Route("eager", limit) if limit else Route("kernel", reason)
 
 
+MAX_WINDOW_Q_STRIDE = 2  # SAM 2's query pooling is 2x2; the BHWC kernels pool 1x1 or 2x2
+
+
+def window_route(fused: bool, device: torch.device, dtype: torch.dtype, head_dim: int, q_stride: int) -> Route:
+    """The route of one SAM 2 windowed-attention call site (:class:`hiera_fast.ops.WindowAttention`): eager without
+    ``fused``; our kernels where :func:`device_backend`, the dtype, the head dim and the query stride allow; else the
+    eager reference, with the reason."""
+    if not fused:
+        return Route("eager", "fused=False")
+    backend, reason = device_backend(device)
+    if backend == "eager":
+        return Route("eager", reason)
+    limit = dtype_limit(dtype, device) or _float64_dot_limit(dtype, device.type)
+    if head_dim > MAX_FUSED_HEAD_DIM:
+        limit = f"head_dim {head_dim} > {MAX_FUSED_HEAD_DIM}, the largest the Triton kernels take"
+    if q_stride > MAX_WINDOW_Q_STRIDE:
+        limit = f"q_stride {q_stride} > {MAX_WINDOW_Q_STRIDE}: the window kernels pool 1x1 or 2x2 (SAM 2's stride)"
+    return Route("eager", limit) if limit else Route("kernel", reason)
+
+
 def pool_route(fused: bool, device: torch.device, dtype: torch.dtype) -> Route:
     """The route of the fused max-pool: our kernel where the device and dtype allow, else the eager reference."""
     if not fused:
@@ -227,6 +248,18 @@ def cached_pool_route(device: torch.device, dtype: torch.dtype) -> Route:
     found = _ROUTES.get(key)
     if found is None:
         found = _ROUTES[key] = pool_route(True, device, dtype)
+    return found
+
+
+@torch.compiler.assume_constant_result
+def cached_window_route(fused: bool, device: torch.device, dtype: torch.dtype, head_dim: int,
+                        q_stride: int) -> Route:
+    """:func:`window_route`, decided once per argument set (a constant under compile, as
+    :func:`cached_attention_route`)."""
+    key = ("window", fused, device, dtype, head_dim, q_stride)
+    found = _ROUTES.get(key)
+    if found is None:
+        found = _ROUTES[key] = window_route(fused, device, dtype, head_dim, q_stride)
     return found
 
 
@@ -267,6 +300,25 @@ def attention_call_limit(qkv: torch.Tensor, num_heads: int, num_windows: int) ->
         return (f"num_heads * windows = {num_heads} * {num_windows} > {MAX_GRID_AXIS}, the backward kernels' grid "
                 f"limit")
     return call_limit(qkv)
+
+
+def window_call_limit(qkv: torch.Tensor, num_heads: int, window_size: int) -> str | None:
+    """Why one SAM 2 window call's ``qkv [B, H, W, 3C]`` is past the window kernels' launch limits, or None: the
+    batch and heads x windows on grid axes, and 32-bit offsets inside a batch element over the padded grid (through
+    qkv's strides, and in its contiguous gradient)."""
+    B, H, W, three_c = qkv.shape
+    if B > MAX_GRID_AXIS:
+        return f"batch {B} > {MAX_GRID_AXIS}, the largest one kernel launch takes"
+    windows = -(-H // window_size) * -(-W // window_size)
+    if num_heads * windows > MAX_GRID_AXIS:
+        return (f"num_heads * windows = {num_heads} * {windows} > {MAX_GRID_AXIS}, the window kernels' grid limit")
+    Hp, Wp = -(-H // window_size) * window_size, -(-W // window_size) * window_size
+    for stride_h, stride_w in (qkv.stride()[1:3], (W * three_c, three_c)):
+        extent = (Hp - 1) * abs(stride_h) + (Wp - 1) * abs(stride_w) + three_c
+        if extent >= MAX_ROW_OFFSET:
+            return (f"one batch element spans {extent} >= 2**31 elements over the padded grid (32-bit offsets inside "
+                    f"a batch element)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- global attention

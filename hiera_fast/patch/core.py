@@ -65,7 +65,9 @@ class Library:
 
     ``match_by_name=False`` where the roles' class names are not the library's Hiera's alone (timm's
     ``MultiScaleBlock`` is also MViTv2's and CrossViT's): its modules are then found by class only, never reported as
-    an unknown layout for their name.
+    an unknown layout for their name. ``block_with_attention``: the block role carries the attention (SAM 2's windowed
+    blocks run their attention inside the block), so ``attention=True`` patches it; else ``pooling=True`` does (Hiera's
+    pooled residual).
     """
 
     name: str
@@ -74,6 +76,7 @@ class Library:
     attention: Role
     block: Role
     match_by_name: bool = True
+    block_with_attention: bool = False
 
     @property
     def root(self) -> str:
@@ -92,7 +95,8 @@ class Library:
         return f"{self.module}.{role.class_name}"
 
     def roles(self, attention: bool, pooling: bool) -> list[Role]:
-        return [role for role, on in ((self.attention, attention), (self.block, pooling)) if on]
+        block = attention if self.block_with_attention else pooling
+        return [role for role, on in ((self.attention, attention), (self.block, block)) if on]
 
     def check(self, module: nn.Module, role: Role, cached: bool = True) -> None:
         """Raise if ``module`` lacks an attribute the fused forward reads. The fused forwards call it first (so a
@@ -320,6 +324,10 @@ def patch(model: nn.Module, *, attention: bool = True, pooling: bool = True) -> 
     ``proj(hiera_fast.ops.mask_unit_attention(qkv(x), ..., fused=True))`` (``attention=True``), and every block that
     pools its residual runs ``hiera_fast.ops.unrolled_max_pool(proj(x_norm), q_stride, fused=True)`` in place of
     ``x.view(B, q_stride, -1, C).max(1)`` (``pooling=True``); everything else in the block is the library's own.
+    SAM 2 trunks (official ``sam2``, timm, transformers, ultralytics), with ``attention=True``: every windowed block
+    runs its attention as ``proj(hiera_fast.ops.window_attention(qkv(x_norm), qkv.bias, ..., fused=True))`` on the
+    unpadded BHWC map (padding, window partition, query pooling and unpartition inside the kernels), and global
+    attention runs SDPA on views; their pooled residual stays PyTorch's ``max_pool2d``.
     Parameters and the state dict are untouched; patching twice is a no-op; :func:`unpatch` undoes it.
 
     Returns:

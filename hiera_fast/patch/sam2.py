@@ -1,8 +1,9 @@
-"""The official ``sam2`` package's Hiera trunk (``sam2.modeling.backbones.hieradet``): ``MultiScaleAttention``.
+"""The official ``sam2`` package's Hiera trunk (``sam2.modeling.backbones.hieradet``): ``MultiScaleBlock`` and
+``MultiScaleAttention``.
 
-Its attention (already 4-D SDPA on views) runs :func:`hiera_fast.sam2.attention.window_attention`, the function the
-fused kernels will replace; for now that is the same eager math. ``MultiScaleBlock`` (window partition, pooled
-residual, MLP) keeps the package's own forward, so the block role applies to no module.
+A windowed ``MultiScaleBlock`` runs its attention on the fused BHWC kernels (:mod:`.hieradet`: no padded or
+partitioned copies); a global block keeps the package's forward and its ``MultiScaleAttention`` (already 4-D SDPA on
+views) runs :func:`hiera_fast.sam2.attention.window_attention`, the same math without the package's reshapes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..sam2 import attention
-from . import core
+from . import core, hieradet
 
 
 def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -24,9 +25,30 @@ def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
+def _runs_fused(block) -> bool:
+    """A windowed block whose query pool is ``MaxPool2d(q, q)`` with the block's own stride."""
+    return (block.window_size > 0 and attention.is_plain_pool(block.attn.q_pool)
+            and attention.pool_stride(block.attn.q_pool) == hieradet.square(block.q_stride))
+
+
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``MultiScaleBlock.forward`` as the package has it (blocks are not patched yet)."""
-    return core.original(self, "forward")(x)
+    """``MultiScaleBlock.forward`` with a windowed block's partition → attention → unpartition on the fused kernels
+    (:func:`~hiera_fast.patch.hieradet.fused_window_attention`); the pooled residual (``proj`` then ``self.pool``),
+    drop path and MLP are the package's own modules. Global blocks, other query pools and an attention module with hooks
+    run the package's forward."""
+    if not _runs_fused(self) or hieradet.hooked(self.attn):
+        return core.original(self, "forward")(x)
+    LIBRARY.check(self, LIBRARY.block)
+    shortcut = x  # [B, H, W, dim]
+    x = self.norm1(x)
+    if self.dim != self.dim_out:
+        shortcut = self.proj(x)
+        if self.pool is not None:
+            shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H // q, W // q, dim_out]
+    attn = self.attn
+    x = shortcut + self.drop_path(hieradet.fused_window_attention(attn, x, attn.num_heads, self.window_size,
+                                                                  attention.pool_stride(attn.q_pool)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 LIBRARY = core.register(core.Library(
@@ -35,14 +57,18 @@ LIBRARY = core.register(core.Library(
     distribution="sam2",
     attention=core.Role("MultiScaleAttention", attrs=("qkv", "proj", "num_heads", "q_pool"),
                         forward=attention_forward, tag="hiera_fast: window attention"),
-    block=core.Role("MultiScaleBlock", attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride"),
-                    forward=block_forward, tag="hiera_fast: block", applies=lambda block: False),
+    block=core.Role("MultiScaleBlock",
+                    attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride", "dim", "dim_out", "pool",
+                           "drop_path"),
+                    forward=block_forward, tag="hiera_fast: fused window attention", applies=_runs_fused,
+                    needs=lambda block: ("proj",) if block.dim != block.dim_out else ()),
+    block_with_attention=True,
 ))
 
 
 def patch_sam2() -> None:
-    """Patch the official package's ``MultiScaleAttention`` class (every instance, built before or after) until
-    :func:`unpatch_sam2`. Patching twice is a no-op."""
+    """Patch the official package's ``MultiScaleBlock`` and ``MultiScaleAttention`` classes (every instance, built
+    before or after) until :func:`unpatch_sam2`. Patching twice is a no-op."""
     core.patch_library(LIBRARY, attention=True, pooling=False)
 
 

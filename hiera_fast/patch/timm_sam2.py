@@ -1,10 +1,11 @@
-"""timm's SAM 2 Hiera (``timm.models.hieradet_sam2``, ``sam2_hiera_*``): ``MultiScaleAttention``.
+"""timm's SAM 2 Hiera (``timm.models.hieradet_sam2``, ``sam2_hiera_*``): ``MultiScaleBlock`` and
+``MultiScaleAttention``.
 
-Its attention runs :func:`hiera_fast.sam2.attention.window_attention`, the function the fused kernels will replace;
-for now that is the same eager math (timm's own is 4-D SDPA on views too, or an explicit softmax where
-``use_fused_attn()`` is off). ``MultiScaleBlock`` (with timm's layer scale and two drop paths) keeps timm's forward, so
-the block role applies to no module. timm's ``MultiScaleBlock`` / ``MultiScaleAttention`` names are also MViTv2's and
-CrossViT's: this library is matched by class only (``match_by_name=False``).
+A windowed ``MultiScaleBlock`` (square window) runs its attention on the fused BHWC kernels (:mod:`.hieradet`), with
+timm's own layer scale, drop paths, pooled residual and MLP; a global block keeps timm's forward and its
+``MultiScaleAttention`` runs :func:`hiera_fast.sam2.attention.window_attention` (4-D SDPA on views; timm's own is too,
+or an explicit softmax where ``use_fused_attn()`` is off). timm's ``MultiScaleBlock`` / ``MultiScaleAttention``
+names are also MViTv2's and CrossViT's: this library is matched by class only (``match_by_name=False``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..sam2 import attention
-from . import core
+from . import core, hieradet
 
 
 def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -25,9 +26,31 @@ def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
+def _runs_fused(block) -> bool:
+    """A windowed block with a square window whose query pool is ``MaxPool2d(q, q)`` with the block's stride."""
+    window = hieradet.square(block.window_size)
+    return (bool(window) and attention.is_plain_pool(block.attn.q_pool)
+            and attention.pool_stride(block.attn.q_pool) == hieradet.square(block.q_stride))
+
+
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``MultiScaleBlock.forward`` as timm has it (blocks are not patched yet)."""
-    return core.original(self, "forward")(x)
+    """``MultiScaleBlock.forward`` with a windowed block's pad → partition → attention → unpartition → crop on the
+    fused kernels; the pooled residual (``proj`` then ``pool``), layer scales, drop paths and MLP are timm's own
+    modules. Global blocks, other windows or query pools and an attention module with hooks run timm's forward."""
+    if not _runs_fused(self) or hieradet.hooked(self.attn):
+        return core.original(self, "forward")(x)
+    LIBRARY.check(self, LIBRARY.block)
+    shortcut = x  # [B, H, W, dim]
+    x = self.norm1(x)
+    if self.dim != self.dim_out:
+        shortcut = self.proj(x)
+        if self.pool is not None:
+            shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H // q, W // q, dim_out]
+    attn = self.attn
+    out = hieradet.fused_window_attention(attn, x, attn.num_heads, hieradet.square(self.window_size),
+                                          attention.pool_stride(attn.q_pool))
+    x = shortcut + self.drop_path1(self.ls1(out))
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 LIBRARY = core.register(core.Library(
@@ -36,15 +59,18 @@ LIBRARY = core.register(core.Library(
     distribution="timm",
     attention=core.Role("MultiScaleAttention", attrs=("qkv", "proj", "num_heads", "q_pool"),
                         forward=attention_forward, tag="hiera_fast: window attention"),
-    block=core.Role("MultiScaleBlock", attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride"),
-                    forward=block_forward, tag="hiera_fast: block", applies=lambda block: False),
+    block=core.Role("MultiScaleBlock",
+                    attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride", "dim", "dim_out", "pool",
+                           "proj", "ls1", "ls2", "drop_path1", "drop_path2"),
+                    forward=block_forward, tag="hiera_fast: fused window attention", applies=_runs_fused),
     match_by_name=False,
+    block_with_attention=True,
 ))
 
 
 def patch_timm_sam2() -> None:
-    """Patch timm's ``hieradet_sam2.MultiScaleAttention`` class (every instance, built before or after) until
-    :func:`unpatch_timm_sam2`. Patching twice is a no-op."""
+    """Patch timm's ``hieradet_sam2.MultiScaleBlock`` and ``MultiScaleAttention`` classes
+    (every instance, built before or after) until :func:`unpatch_timm_sam2`. Patching twice is a no-op."""
     core.patch_library(LIBRARY, attention=True, pooling=False)
 
 

@@ -1,9 +1,12 @@
 """SAM 2's Hiera image encoder ("hieradet"): BHWC throughout, computed as the official
 ``sam2/modeling/backbones/hieradet.py`` computes it.
 
-Nothing is unrolled (unlike :mod:`hiera_fast.model`): windows are cut from the spatial map by :func:`window_partition`,
-which zero-pads the *normed* input, so padded tokens enter ``qkv`` as zero rows (q = b_q, k = b_k, v = b_v) and
-attention runs without a mask: they are live keys. Module names are the official trunk's (``patch_embed.proj``,
+Nothing is unrolled (unlike :mod:`hiera_fast.model`). The official block cuts windows from the spatial map by
+:func:`window_partition`, which zero-pads the *normed* input, so padded tokens enter ``qkv`` as zero rows (q = b_q,
+k = b_k, v = b_v) and attention runs without a mask: they are live keys. Here the qkv Linear runs on the unpadded map
+and :class:`hiera_fast.ops.WindowAttention` takes its bias for the padded tokens: the same numbers, and no padded or
+partitioned copy (:func:`window_partition` / :func:`window_unpartition` stay as the official formulation's
+executable form, for tests). Module names are the official trunk's (``patch_embed.proj``,
 ``blocks.{i}.norm1``, ``attn.qkv``, ``mlp.layers.{0,1}``, ...), so an official (or ultralytics) checkpoint's
 ``image_encoder.trunk.*`` loads as it is; :mod:`hiera_fast.checkpoints.sam2` maps timm's and transformers' names.
 """
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DropPath
+from .. import ops
 from ..ops import check_flag
 from .attention import window_attention
 from .config import BlockSpec, HieraDetConfig
@@ -75,38 +79,57 @@ class HieraDetMlp(nn.Module):
 
 
 class HieraDetAttention(nn.Module):
-    """qkv Linear → :func:`window_attention` (queries max-pooled by ``q_stride`` if set) → proj.
+    """qkv Linear → attention (queries max-pooled by ``q_stride`` if set) → proj, on the block's whole normed map.
 
-    ``fused=True`` runs the same eager :func:`window_attention` for now; the fused kernels come in a later issue.
+    A windowed block (``window_size > 0``) runs :class:`hiera_fast.ops.WindowAttention` on the qkv of the unpadded
+    map with the Linear's bias standing for the padded tokens (what the official zero-padded windows give): the
+    eager reference with ``fused=False``, our Triton kernels with ``fused=True`` (where the device allows; else the
+    reference, with one warning). A global block runs :func:`window_attention` (4-D SDPA on views) either way.
     """
 
-    def __init__(self, dim: int, dim_out: int, num_heads: int, q_stride: int | None = None):
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_stride: int | None = None, window_size: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.q_stride = q_stride
-        self.fused = False
+        self.window_size = window_size
         self.qkv = nn.Linear(dim, 3 * dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
+        self.op = ops.WindowAttention(num_heads, window_size, q_stride or 1) if window_size else None
+        self._fused = False
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = check_flag("fused", value)
+        if self.window_size:  # a new op: its routes are decided afresh
+            self.op = ops.WindowAttention(self.num_heads, self.window_size, self.q_stride or 1, fused=self._fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B', h, w, dim]`` (windows, or the whole map) → ``[B', h // q, w // q, dim_out]``."""
-        return self.proj(window_attention(self.qkv(x), self.num_heads, self.q_stride))
+        """``[B, H, W, dim]`` (the normed map, unpadded) → ``[B, H // q, W // q, dim_out]``."""
+        qkv = self.qkv(x)  # [B, H, W, 3 * dim_out]
+        if self.op is None:
+            return self.proj(window_attention(qkv, self.num_heads, self.q_stride))
+        return self.proj(self.op(qkv, self.qkv.bias))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, q_stride={self.q_stride}, fused={self.fused}"
+        window = self.window_size or "global"
+        return f"heads={self.num_heads}, window={window}, q_stride={self.q_stride}, fused={self.fused}"
 
 
 class HieraDetBlock(nn.Module):
     """One block: ``x_n = norm1(x)``; the residual is ``x``, or ``MaxPool(proj(x_n))`` over the whole unpadded map
-    where the width changes; windowed (or global) attention on ``x_n``, its queries pooled inside each window; the
-    windows back in place (re-padded from the pooled residual's size where it pools) and cropped; ``+ mlp(norm2)``."""
+    where the width changes; windowed (or global) attention on ``x_n``, its queries pooled inside each window, the
+    windows back in place and cropped (:class:`HieraDetAttention`); ``+ mlp(norm2)``."""
 
     def __init__(self, spec: BlockSpec, mlp_ratio: float, eps: float):
         super().__init__()
         self.dim, self.dim_out = spec.dim, spec.dim_out
         self.window_size, self.q_stride = spec.window_size, spec.q_stride
         self.norm1 = nn.LayerNorm(spec.dim, eps=eps)
-        self.attn = HieraDetAttention(spec.dim, spec.dim_out, spec.num_heads, spec.q_stride)
+        self.attn = HieraDetAttention(spec.dim, spec.dim_out, spec.num_heads, spec.q_stride, spec.window_size)
         self.drop_path = DropPath(spec.drop_path)
         self.norm2 = nn.LayerNorm(spec.dim_out, eps=eps)
         self.mlp = HieraDetMlp(spec.dim_out, int(spec.dim_out * mlp_ratio))
@@ -121,18 +144,7 @@ class HieraDetBlock(nn.Module):
             shortcut = self.proj(x)
             if self.q_stride:
                 shortcut = max_pool_bhwc(shortcut, self.q_stride)  # [B, H // q, W // q, dim_out]
-        size = x.shape[1:3]
-        window = self.window_size
-        if window:
-            x, padded = window_partition(x, window)  # [B * nW, ws, ws, dim]
-        x = self.attn(x)  # [B * nW, ws // q, ws // q, dim_out]
-        if self.q_stride:
-            window //= self.q_stride
-            size = shortcut.shape[1:3]
-            padded = (size[0] + (-size[0]) % window, size[1] + (-size[1]) % window) if window else None
-        if window:
-            x = window_unpartition(x, window, padded, size)  # [B, H', W', dim_out]
-        x = shortcut + self.drop_path(x)
+        x = shortcut + self.drop_path(self.attn(x))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
@@ -145,8 +157,10 @@ class HieraDetModel(nn.Module):
     ``config.return_interm_layers``, else the last only. ``channel_list`` (coarsest first) is the official
     attribute SAM 2's neck checks, so the model can stand in for ``image_encoder.trunk``.
 
-    ``fused=True`` runs the same eager attention for now (the fused kernels come in a later issue). Initialised as
-    the official trunk: PyTorch's default layer init, zero position embeddings.
+    ``fused=True`` runs every windowed block's attention on our Triton kernels (:class:`hiera_fast.ops.WindowAttention`:
+    window partition, padding, query pooling and unpartition in one kernel, forward and backward); global blocks run
+    SDPA on views and the pooled residual PyTorch's ``max_pool2d``, fused or not. :meth:`fused_routes` reports the
+    routes taken. Initialised as the official trunk: PyTorch's default layer init, zero position embeddings.
     """
 
     def __init__(self, config: HieraDetConfig, fused: bool = False):
@@ -177,6 +191,12 @@ class HieraDetModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.pos_embed.dtype
+
+    def fused_routes(self) -> dict[str, dict]:
+        """Each windowed block's routes decided so far (on its first call per device, dtype and head dim):
+        ``{attention module name: {(device, dtype, head_dim): Route}}``."""
+        return {name: dict(m.op.routes) for name, m in self.named_modules()
+                if isinstance(m, HieraDetAttention) and m.op is not None}
 
     def position_embedding(self, size: tuple[int, int]) -> torch.Tensor:
         """``[1, h, w, C]``: ``pos_embed`` bicubic-interpolated to the token grid plus ``pos_embed_window`` tiled
