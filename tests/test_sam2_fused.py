@@ -51,7 +51,7 @@ def _run(model, x):
     x = x.detach().clone().requires_grad_(True)
     outs = model(x)
     sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
-    names = ["pixels"] + [n for n, _ in model.named_parameters()]
+    names = ["pixels"] + [n.removeprefix("_orig_mod.") for n, _ in model.named_parameters()]
     return [o.detach() for o in outs], dict(zip(names, [x.grad] + [p.grad for p in model.parameters()], strict=True))
 
 
