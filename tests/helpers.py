@@ -102,3 +102,15 @@ def assert_launched(launched, *, attention: int, pool: int, backward: bool) -> N
         expected.update(mask_unit_attention_bwd=attention, unrolled_max_pool_bwd=pool)
     got = {k: launched.get(k, 0) for k in expected}
     assert got == expected and attention > 0, f"launches {got}, expected {expected}"
+
+
+def sam2_bias_heavy_(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1), qkv biases and position embeddings ~ N(0, 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+            elif name.endswith("qkv.bias") or "pos_embed" in name:
+                p.normal_(0.0, 1.0)
+    return model

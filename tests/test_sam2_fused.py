@@ -20,6 +20,8 @@ from hiera_fast import ops
 from hiera_fast.ops import reference, routing
 from hiera_fast.sam2 import HieraDetConfig, HieraDetModel
 
+from helpers import sam2_bias_heavy_ as bias_heavy_
+
 SMALL = dict(embed_dim=16, num_heads=1, stages=(1, 2, 3, 2), global_att_blocks=(4,),
              window_pos_embed_bkg_spatial_size=(7, 7))  # window_spec (8, 4, 14, 7); block 4 global
 FIVE = {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1, 1), "q_pool": 4, "window_spec": (8, 4, 4, 4, 2),
@@ -28,17 +30,6 @@ GEOMETRIES = {"padded-128": (SMALL, 128, 7), "five-stages-96": (FIVE, 96, 5)}  #
 
 pytestmark = pytest.mark.skipif(routing.fused_backend("cpu")[0] == "eager",
                                 reason="the CPU lane needs the kernels defined under TRITON_INTERPRET=1")
-
-
-def bias_heavy_(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-            elif name.endswith("qkv.bias") or "pos_embed" in name:
-                p.normal_(0.0, 1.0)
-    return model
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,6 +21,8 @@ from hiera_fast.patch import transformers_sam2 as patch_transformers_mod
 from hiera_fast.patch import ultralytics_sam2 as patch_ultralytics_mod
 from hiera_fast.sam2 import attention as sam2_attention
 
+from helpers import sam2_bias_heavy_ as bias_heavy_
+
 FP32_TOL = 1e-5
 SIZE = (1, 3, 128, 128)  # stages 3 and 4 pad (8 -> 14, 4 -> 7): padded tokens are most of their keys
 ARGS = dict(embed_dim=16, num_heads=1, stages=(1, 2, 3, 2), global_att_blocks=(4,))
@@ -87,17 +89,6 @@ CASES = {
                            "unpatch_transformers_sam2"),
     "ultralytics": (_ultralytics, patch_ultralytics_mod, "patch_ultralytics_sam2", "unpatch_ultralytics_sam2"),
 }
-
-
-def bias_heavy_(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-            elif name.endswith("qkv.bias") or "pos_embed" in name:
-                p.normal_(0.0, 1.0)
-    return model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

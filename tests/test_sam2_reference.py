@@ -19,6 +19,8 @@ from hiera_fast.sam2 import PRESETS, HieraDetConfig, HieraDetModel, window_atten
 from hiera_fast.checkpoints import sam2 as W
 from hiera_fast.sam2.model import window_partition, window_unpartition
 
+from helpers import sam2_bias_heavy_ as bias_heavy_
+
 FP32_TOL = 1e-5
 SMALL = dict(embed_dim=16, num_heads=1, stages=(1, 2, 3, 2), global_att_blocks=(4,),
              window_pos_embed_bkg_spatial_size=(7, 7))  # window_spec (8, 4, 14, 7); block 4 global
@@ -31,18 +33,6 @@ GEOMETRIES = {"default-256": (SMALL, (256, 256)), "odd-windows-256": (ODD, (256,
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def bias_heavy_(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1), qkv biases and position embeddings ~ N(0, 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.1)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-            elif name.endswith("qkv.bias") or "pos_embed" in name:
-                p.normal_(0.0, 1.0)
-    return model
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 

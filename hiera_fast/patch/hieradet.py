@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..sam2 import attention
+from . import core
 
 
 def square(value) -> int | None:
@@ -36,3 +38,34 @@ def fused_window_attention(attn: nn.Module, x: torch.Tensor, num_heads: int, win
     qkv = attn.qkv(x)  # [B, H, W, 3 * dim_out]
     out = ops.window_attention(qkv, attn.qkv.bias, num_heads, window_size, q_stride or 1, fused=True)
     return attn.proj(out)
+
+
+def runs_fused(block: nn.Module, window: int | None) -> bool:
+    """Whether a block with (square) ``window`` (0 or None: global) runs fused: windowed, its attention's query pool
+    ``MaxPool2d(q, q)`` (or none) with the block's own ``q_stride``."""
+    q_pool = block.attn.q_pool
+    return (bool(window) and attention.is_plain_pool(q_pool)
+            and attention.pool_stride(q_pool) == square(block.q_stride))
+
+
+def pooled_shortcut(block: nn.Module, x: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+    """The official block's residual: ``x``, or where the width changes ``proj(x_norm)`` max-pooled by the block's
+    own ``pool`` (``[B, H // q, W // q, dim_out]``)."""
+    if block.dim == block.dim_out:
+        return x
+    shortcut = block.proj(x_norm)
+    return shortcut if block.pool is None else block.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def official_block_forward(library: core.Library, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The official ``MultiScaleBlock.forward`` (ultralytics' is a copy) with a windowed block's partition →
+    attention → unpartition on the fused kernels; its residual, drop path and MLP are the library's own modules.
+    Global blocks, other query pools and an attention module with hooks run the library's forward."""
+    if not runs_fused(block, block.window_size) or hooked(block.attn):
+        return core.original(block, "forward")(x)
+    library.check(block, library.block)
+    x_norm = block.norm1(x)
+    attn = block.attn
+    out = fused_window_attention(attn, x_norm, attn.num_heads, block.window_size, attention.pool_stride(attn.q_pool))
+    x = pooled_shortcut(block, x, x_norm) + block.drop_path(out)
+    return x + block.drop_path(block.mlp(block.norm2(x)))

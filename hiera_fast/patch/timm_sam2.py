@@ -26,30 +26,18 @@ def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
-def _runs_fused(block) -> bool:
-    """A windowed block with a square window whose query pool is ``MaxPool2d(q, q)`` with the block's stride."""
-    window = hieradet.square(block.window_size)
-    return (bool(window) and attention.is_plain_pool(block.attn.q_pool)
-            and attention.pool_stride(block.attn.q_pool) == hieradet.square(block.q_stride))
-
-
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``MultiScaleBlock.forward`` with a windowed block's pad → partition → attention → unpartition → crop on the
     fused kernels; the pooled residual (``proj`` then ``pool``), layer scales, drop paths and MLP are timm's own
     modules. Global blocks, other windows or query pools and an attention module with hooks run timm's forward."""
-    if not _runs_fused(self) or hieradet.hooked(self.attn):
+    window = hieradet.square(self.window_size)
+    if not hieradet.runs_fused(self, window) or hieradet.hooked(self.attn):
         return core.original(self, "forward")(x)
     LIBRARY.check(self, LIBRARY.block)
-    shortcut = x  # [B, H, W, dim]
-    x = self.norm1(x)
-    if self.dim != self.dim_out:
-        shortcut = self.proj(x)
-        if self.pool is not None:
-            shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H // q, W // q, dim_out]
+    x_norm = self.norm1(x)
     attn = self.attn
-    out = hieradet.fused_window_attention(attn, x, attn.num_heads, hieradet.square(self.window_size),
-                                          attention.pool_stride(attn.q_pool))
-    x = shortcut + self.drop_path1(self.ls1(out))
+    out = hieradet.fused_window_attention(attn, x_norm, attn.num_heads, window, attention.pool_stride(attn.q_pool))
+    x = hieradet.pooled_shortcut(self, x, x_norm) + self.drop_path1(self.ls1(out))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -62,7 +50,8 @@ LIBRARY = core.register(core.Library(
     block=core.Role("MultiScaleBlock",
                     attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride", "dim", "dim_out", "pool",
                            "proj", "ls1", "ls2", "drop_path1", "drop_path2"),
-                    forward=block_forward, tag="hiera_fast: fused window attention", applies=_runs_fused),
+                    forward=block_forward, tag="hiera_fast: fused window attention",
+                    applies=lambda block: hieradet.runs_fused(block, hieradet.square(block.window_size))),
     match_by_name=False,
     block_with_attention=True,
 ))

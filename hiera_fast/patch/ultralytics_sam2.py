@@ -25,30 +25,10 @@ def attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
-def _runs_fused(block) -> bool:
-    """A windowed block whose query pool is ``MaxPool2d(q, q)`` with the block's own stride."""
-    return (block.window_size > 0 and attention.is_plain_pool(block.attn.q_pool)
-            and attention.pool_stride(block.attn.q_pool) == hieradet.square(block.q_stride))
-
-
 def block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``MultiScaleBlock.forward`` with a windowed block's partition → attention → unpartition on the fused kernels
-    (:func:`~hiera_fast.patch.hieradet.fused_window_attention`); the pooled residual (``proj`` then ``self.pool``),
-    drop path and MLP are ultralytics' own modules. Global blocks, other query pools and an attention module with hooks
-    run ultralytics' forward."""
-    if not _runs_fused(self) or hieradet.hooked(self.attn):
-        return core.original(self, "forward")(x)
-    LIBRARY.check(self, LIBRARY.block)
-    shortcut = x  # [B, H, W, dim]
-    x = self.norm1(x)
-    if self.dim != self.dim_out:
-        shortcut = self.proj(x)
-        if self.pool is not None:
-            shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [B, H // q, W // q, dim_out]
-    attn = self.attn
-    x = shortcut + self.drop_path(hieradet.fused_window_attention(attn, x, attn.num_heads, self.window_size,
-                                                                  attention.pool_stride(attn.q_pool)))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+    """``MultiScaleBlock.forward`` with a windowed block on the fused kernels
+    (:func:`~hiera_fast.patch.hieradet.official_block_forward`); global blocks run ultralytics' forward."""
+    return hieradet.official_block_forward(LIBRARY, self, x)
 
 
 LIBRARY = core.register(core.Library(
@@ -60,7 +40,8 @@ LIBRARY = core.register(core.Library(
     block=core.Role("MultiScaleBlock",
                     attrs=("norm1", "attn", "norm2", "mlp", "window_size", "q_stride", "dim", "dim_out", "pool",
                            "drop_path"),
-                    forward=block_forward, tag="hiera_fast: fused window attention", applies=_runs_fused,
+                    forward=block_forward, tag="hiera_fast: fused window attention",
+                    applies=lambda block: hieradet.runs_fused(block, block.window_size),
                     needs=lambda block: ("proj",) if block.dim != block.dim_out else ()),
     block_with_attention=True,
 ))
